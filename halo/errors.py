@@ -1,0 +1,18 @@
+"""Exceptions raised by halo."""
+
+from __future__ import annotations
+
+__all__ = ["HaloNotSupportedError", "HaloShapeError"]
+
+
+class HaloNotSupportedError(NotImplementedError):
+    """A module or functional call that halo cannot shard exactly.
+
+    The message always names the module path (or the function), its type and what
+    would work instead. halo refuses rather than compute something different from
+    the one-device network.
+    """
+
+
+class HaloShapeError(ValueError):
+    """A local block whose size does not divide as a layer needs, or a halo wider than a block."""

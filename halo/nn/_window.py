@@ -1,0 +1,135 @@
+"""Shared plumbing of window ops (convolution and pooling): halo specs and block checks."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from halo.errors import HaloNotSupportedError, HaloShapeError
+from halo.exchange import HaloSpec
+from halo.geometry import HaloWidths, halo_widths, is_same_style
+
+__all__ = [
+    "pair",
+    "window_spec",
+    "check_block",
+    "REPLICATED_ATTR",
+    "is_replicated",
+    "mark_replicated",
+    "halo_op",
+    "in_halo_op",
+]
+
+# Outputs of global pooling are the same on every rank of an image; later spatial ops on
+# them run locally. The mark is a plain attribute on the tensor object.
+REPLICATED_ATTR = "_halo_replicated"
+
+
+def is_replicated(x: torch.Tensor) -> bool:
+    return bool(getattr(x, REPLICATED_ATTR, False))
+
+
+def mark_replicated(x: torch.Tensor) -> torch.Tensor:
+    setattr(x, REPLICATED_ATTR, True)
+    return x
+
+
+def pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    value = tuple(value)
+    if len(value) == 1:
+        return value[0], value[0]
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a pair, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _widths(name: str, what: str, k: int, s: int, p: int | tuple[int, int], d: int) -> HaloWidths:
+    if isinstance(p, tuple):  # explicit (before, after) padding, e.g. from padding="same"
+        before, after_pad = p
+        if before + after_pad != d * (k - 1) - (s - 1) and s != 1:
+            raise HaloNotSupportedError(f"{name} ({what}): asymmetric padding {p} with stride {s} is not supported")
+        return HaloWidths(before=before, after=d * (k - 1) - before - s + 1)
+    if not is_same_style(k, s, p, d):
+        reach = d * (k - 1)
+        raise HaloNotSupportedError(
+            f"{name} ({what}): kernel {k}, stride {s}, padding {p}, dilation {d} does not map an input of "
+            f"n*{s} to n outputs, so equal blocks cannot stay equal; halo supports padding between "
+            f"{-(-max(reach + 1 - s, 0) // 2)} and {reach // 2} for this kernel (\"same\"-style layers)"
+        )
+    return halo_widths(k, s, p, d)
+
+
+def window_spec(
+    name: str,
+    what: str,
+    kernel: int | Sequence[int],
+    stride: int | Sequence[int],
+    padding: int | Sequence[int] | str,
+    dilation: int | Sequence[int] = 1,
+    fill: float = 0.0,
+) -> HaloSpec:
+    """The halo spec of a 2-D window op, or :class:`HaloNotSupportedError` naming ``name``."""
+    kh, kw = pair(kernel)
+    sh, sw = pair(stride)
+    dh, dw = pair(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            ph: int | tuple[int, int] = 0
+            pw: int | tuple[int, int] = 0
+        elif padding == "same":
+            ph = (dh * (kh - 1) // 2, dh * (kh - 1) - dh * (kh - 1) // 2)
+            pw = (dw * (kw - 1) // 2, dw * (kw - 1) - dw * (kw - 1) // 2)
+        else:
+            raise HaloNotSupportedError(f"{name} ({what}): padding={padding!r} is not supported")
+    else:
+        ph, pw = pair(padding)
+    hh = _widths(name, what, kh, sh, ph, dh)
+    ww = _widths(name, what, kw, sw, pw, dw)
+    return HaloSpec(top=hh.before, bottom=hh.after, left=ww.before, right=ww.after, fill=fill)
+
+
+def check_block(x: torch.Tensor, spec: HaloSpec, stride: int | Sequence[int], name: str, what: str) -> None:
+    """Refuse a local block that a window op cannot process exactly."""
+    if x.dim() != 4:
+        raise HaloShapeError(f"{name} ({what}) expects a local (N, C, h, w) block, got shape {tuple(x.shape)}")
+    sh, sw = pair(stride)
+    h, w = x.shape[-2:]
+    for dim, size, s, before, after in (("H", h, sh, spec.top, spec.bottom), ("W", w, sw, spec.left, spec.right)):
+        if size % s:
+            raise HaloShapeError(
+                f"{name} ({what}) got a local block of {h} x {w}: {dim} = {size} is not a multiple of the "
+                f"stride {s}; pad the image so every block is a multiple of the model's total stride"
+            )
+        widest = max(before, after, -after)
+        if widest > size or (after < 0 and -after >= size):
+            raise HaloShapeError(
+                f"{name} ({what}) needs a halo of {widest} along {dim} but the local block is only {size} wide; "
+                f"use fewer ranks along {dim} or a larger image (a halo may be as wide as the block, not wider)"
+            )
+
+
+_IN_HALO_OP = contextvars.ContextVar("halo_in_layer", default=False)
+
+
+def in_halo_op() -> bool:
+    """Whether a halo layer is running (its own functional calls are not guarded)."""
+    return _IN_HALO_OP.get()
+
+
+def halo_op(forward):
+    """Decorate a halo layer's ``forward``: the sharding guard lets its calls through."""
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        token = _IN_HALO_OP.set(True)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            _IN_HALO_OP.reset(token)
+
+    return wrapper

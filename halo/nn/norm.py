@@ -1,0 +1,109 @@
+"""HaloBatchNorm2d: batch norm whose training statistics are those of the whole batch.
+
+Statistics are reduced over every rank of the mesh (all blocks of all images in the
+data group), exactly as one device computes them over the full ``(N, C, H, W)`` batch.
+Forward: local mean and variance, one all-gather of ``(count, mean, var)`` per layer,
+combined with Chan's parallel formula (no catastrophic cancellation). Backward: one
+all-reduce of ``(sum dy, sum dy * (x - mean))``. Parameter gradients stay local, so
+averaging them over ranks gives the one-device gradient. Eval mode is purely local.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from halo.mesh import SpatialMesh
+from halo.nn._window import halo_op
+from halo.nn.module import adopt
+
+__all__ = ["HaloBatchNorm2d", "sync_batch_stats"]
+
+
+# torch >= 2.10 names it all_gather_single; older releases all_gather_into_tensor.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _view(v: torch.Tensor) -> torch.Tensor:
+    return v[None, :, None, None]
+
+
+def sync_batch_stats(x: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, biased variance and element count per channel over all ranks of ``group``."""
+    channels = x.shape[1]
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    count = torch.full((1,), x.numel() // channels, dtype=mean.dtype, device=x.device)
+    local = torch.cat([count, mean, var])
+    world = dist.get_world_size(group)
+    gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+    _all_gather(gathered, local, group=group)
+    gathered = gathered.view(world, local.numel())
+    counts, means, variances = gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    m2 = (counts * variances).sum(0) + (counts * (means - mean) ** 2).sum(0)
+    return mean, m2 / total, total
+
+
+class _SyncBatchNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, group):  # type: ignore[override]
+        mean, var, total = sync_batch_stats(x, group)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        y = x * _view(scale) + _view(shift)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.total, ctx.group = total, group
+        stats = mean.detach(), var.detach(), total.detach()
+        ctx.mark_non_differentiable(*stats)
+        return (y, *stats)
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _gvar, _gtotal):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        xmu = x - _view(mean)
+        sum_dy = gy.sum((0, 2, 3))
+        sum_dy_xmu = (gy * xmu).sum((0, 2, 3))
+        gw = sum_dy_xmu * invstd if weight is not None and ctx.needs_input_grad[1] else None
+        gb = sum_dy if ctx.needs_input_grad[2] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            sums = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(sums, group=ctx.group)
+            n = ctx.total
+            mean_dy, mean_dy_xmu = sums.chunk(2)
+            mean_dy, mean_dy_xmu = mean_dy / n, mean_dy_xmu / n
+            w = invstd if weight is None else invstd * weight
+            gx = (gy - _view(mean_dy) - xmu * _view(invstd * invstd * mean_dy_xmu)) * _view(w)
+        return gx, gw, gb, None, None
+
+
+class HaloBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with statistics over the whole sharded batch; same state-dict keys."""
+
+    @classmethod
+    def from_module(cls, module: nn.BatchNorm2d, mesh: SpatialMesh, name: str = "bn") -> "HaloBatchNorm2d":
+        return adopt(cls, module, mesh, name)
+
+    @halo_op
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        self._check_input_dim(x)
+        use_batch_stats = self.training or self.running_mean is None
+        if not use_batch_stats:
+            return super().forward(x)
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            factor = 1.0 / float(self.num_batches_tracked) if self.num_batches_tracked is not None else 0.0
+        else:
+            factor = self.momentum
+        y, mean, var, total = _SyncBatchNormFn.apply(x, self.weight, self.bias, self.eps, None)
+        if self.training and self.running_mean is not None:
+            with torch.no_grad():
+                unbiased = var * (total / (total - 1).clamp(min=1))
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        return y

@@ -1,0 +1,100 @@
+"""Max and average pooling over a sharded image, exact against the full image.
+
+Global edges get torch's own padding semantics: -inf for max pooling, zeros counted
+(``count_include_pad=True``) or not counted (``False``) for average pooling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from halo.errors import HaloNotSupportedError
+from halo.exchange import HaloSpec, exchange_halo
+from halo.geometry import conv_output_size
+from halo.mesh import SpatialMesh
+from halo.nn._window import check_block, halo_op, is_replicated, mark_replicated, pair, window_spec
+from halo.nn.module import adopt
+
+__all__ = ["HaloMaxPool2d", "HaloAvgPool2d"]
+
+
+def _check_ceil_mode(name: str, what: str, kernel, stride, padding, dilation=1) -> None:
+    """ceil_mode is exact only where it gives the same sizes as floor mode."""
+    for k, s, p, d in zip(pair(kernel), pair(stride), pair(padding), pair(dilation)):
+        for n in (s, 2 * s, 7 * s):
+            if conv_output_size(n, k, s, p, d, True) != conv_output_size(n, k, s, p, d, False):
+                raise HaloNotSupportedError(
+                    f"{name} ({what}): ceil_mode=True changes the output size for kernel {k}, stride {s}, "
+                    f"padding {p}; use ceil_mode=False"
+                )
+
+
+class HaloMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` over a sharded input (halo filled with -inf at global edges)."""
+
+    @classmethod
+    def from_module(cls, module: nn.MaxPool2d, mesh: SpatialMesh, name: str = "pool") -> "HaloMaxPool2d":
+        if module.return_indices:
+            raise HaloNotSupportedError(f"{name} (MaxPool2d): return_indices=True is not supported")
+        stride = module.stride if module.stride is not None else module.kernel_size
+        if module.ceil_mode:
+            _check_ceil_mode(name, "MaxPool2d", module.kernel_size, stride, module.padding, module.dilation)
+        new = adopt(cls, module, mesh, name)
+        new.halo_spec = window_spec(
+            name, "MaxPool2d", module.kernel_size, stride, module.padding, module.dilation, fill=-math.inf
+        )
+        new.halo_stride = pair(stride)
+        return new
+
+    @halo_op
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if is_replicated(x):
+            return mark_replicated(super().forward(x))
+        check_block(x, self.halo_spec, self.halo_stride, self.halo_name, "MaxPool2d")
+        ext = exchange_halo(x, self.mesh, self.halo_spec)
+        return F.max_pool2d(ext, self.kernel_size, self.halo_stride, 0, self.dilation, False)
+
+
+class HaloAvgPool2d(nn.AvgPool2d):
+    """``nn.AvgPool2d`` over a sharded input, with torch's ``count_include_pad`` semantics."""
+
+    @classmethod
+    def from_module(cls, module: nn.AvgPool2d, mesh: SpatialMesh, name: str = "pool") -> "HaloAvgPool2d":
+        stride = module.stride if module.stride is not None else module.kernel_size
+        if module.ceil_mode:
+            _check_ceil_mode(name, "AvgPool2d", module.kernel_size, stride, module.padding)
+        new = adopt(cls, module, mesh, name)
+        new.halo_spec = window_spec(name, "AvgPool2d", module.kernel_size, stride, module.padding)
+        new.halo_stride = pair(stride)
+        return new
+
+    def _valid_counts(self, x: torch.Tensor) -> torch.Tensor:
+        """How many in-image pixels each window covers (global padding excluded)."""
+        spec: HaloSpec = self.halo_spec
+        h, w = x.shape[-2:]
+        masks = []
+        for axis, n, before, after in (("row", h, spec.top, spec.bottom), ("col", w, spec.left, spec.right)):
+            index, size = self.mesh.axis_index(axis), self.mesh.axis_size(axis)
+            m = torch.ones(before + n + after, dtype=x.dtype, device=x.device)
+            if index == 0 and before > 0:
+                m[:before] = 0
+            if index == size - 1 and after > 0:
+                m[before + n :] = 0
+            masks.append(m)
+        mask = (masks[0][:, None] * masks[1][None, :])[None, None]
+        return F.avg_pool2d(mask, self.kernel_size, self.halo_stride, 0, False, True, 1)
+
+    @halo_op
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if is_replicated(x):
+            return mark_replicated(super().forward(x))
+        check_block(x, self.halo_spec, self.halo_stride, self.halo_name, "AvgPool2d")
+        ext = exchange_halo(x, self.mesh, self.halo_spec)
+        if self.count_include_pad or self.divisor_override is not None or self.halo_spec.is_empty:
+            return F.avg_pool2d(ext, self.kernel_size, self.halo_stride, 0, False, True, self.divisor_override)
+        sums = F.avg_pool2d(ext, self.kernel_size, self.halo_stride, 0, False, True, 1)
+        return sums / self._valid_counts(x)

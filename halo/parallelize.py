@@ -1,0 +1,167 @@
+"""parallelize(model, mesh): the same model, computing on a spatially sharded image.
+
+Walks ``named_children`` and swaps each supported layer for its ``halo.nn`` twin, which
+shares the original's parameters and buffers: state-dict keys, parameter names and
+loaded weights are unchanged. Layers that act on each pixel alone (activations,
+Dropout2d, stochastic depth) stay as they are; layers that act only after global
+pooling (Linear, Flatten, Dropout) run on the replicated features. Anything else is
+refused with an error naming the module path and type. While the model runs its
+forward a :class:`~halo.guard.ShardingGuard` catches functional spatial calls.
+
+Random ops draw the same numbers on every rank of one image as long as every rank of
+the image seeds torch the same way (:func:`halo.manual_seed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from halo.errors import HaloNotSupportedError
+from halo.guard import ShardingGuard
+from halo.mesh import SpatialMesh
+from halo.nn import (
+    HaloAdaptiveAvgPool2d,
+    HaloAdaptiveMaxPool2d,
+    HaloAvgPool2d,
+    HaloBatchNorm2d,
+    HaloConv2d,
+    HaloMaxPool2d,
+)
+
+__all__ = ["parallelize", "SWAPS", "LOCAL_MODULES", "manual_seed"]
+
+# Exact type -> halo twin. Subclasses are not swapped silently: they may override forward.
+SWAPS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: HaloConv2d,
+    nn.MaxPool2d: HaloMaxPool2d,
+    nn.AvgPool2d: HaloAvgPool2d,
+    nn.BatchNorm2d: HaloBatchNorm2d,
+    nn.SyncBatchNorm: HaloBatchNorm2d,
+    nn.AdaptiveAvgPool2d: HaloAdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d: HaloAdaptiveMaxPool2d,
+}
+
+
+def _local_modules() -> tuple[type[nn.Module], ...]:
+    local: list[type[nn.Module]] = [
+        nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+        nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.PReLU, nn.Softplus, nn.Identity,
+        nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.Softmax, nn.LogSoftmax,
+    ]
+    try:
+        from torchvision.ops import StochasticDepth
+
+        local.append(StochasticDepth)
+    except ImportError:  # torchvision is optional for the library itself
+        pass
+    return tuple(local)
+
+
+# Leaf modules that only act on single pixels, or on replicated features after pooling.
+# The guard still checks the calls they make at run time (e.g. Linear on a block).
+LOCAL_MODULES: tuple[type[nn.Module], ...] = _local_modules()
+_HALO_TYPES = tuple(set(SWAPS.values()))
+
+
+def manual_seed(seed: int, mesh: SpatialMesh) -> None:
+    """Seed torch so every rank of one image draws the same random numbers.
+
+    Image groups (the ``data`` axis) get different streams, as data-parallel replicas do.
+    """
+    torch.manual_seed(seed + 1_000_003 * mesh.coords[0])
+
+
+def _swap(module: nn.Module, mesh: SpatialMesh, prefix: str, local: tuple[type[nn.Module], ...]) -> None:
+    for child_name, child in module.named_children():
+        path = f"{prefix}.{child_name}" if prefix else child_name
+        kind = type(child)
+        if isinstance(child, _HALO_TYPES):
+            continue
+        if kind in SWAPS:
+            setattr(module, child_name, SWAPS[kind].from_module(child, mesh, path))
+        elif isinstance(child, local):
+            continue
+        elif len(child._modules) == 0:
+            has_state = any(True for _ in child.parameters(recurse=False)) or any(
+                b is not None for b in child._buffers.values()
+            )
+            if has_state or not _is_plain_container(child):
+                raise HaloNotSupportedError(
+                    f"{path} ({kind.__module__}.{kind.__name__}) cannot be sharded exactly: halo shards "
+                    f"{', '.join(t.__name__ for t in SWAPS)} (output_size 1 for adaptive pools) and leaves "
+                    f"point-wise layers local ({', '.join(t.__name__ for t in local)}); pass "
+                    f"local_modules=({kind.__name__},) if it acts on each pixel alone"
+                )
+        else:
+            _swap(child, mesh, path, local)
+
+
+def _is_plain_container(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: SpatialMesh,
+    *,
+    local_modules: Iterable[type[nn.Module]] = (),
+) -> nn.Module:
+    """Shard ``model`` spatially over ``mesh``; returns the same object, modified in place.
+
+    Parameters
+    ----------
+    model:
+        An ordinary image model (torchvision ResNet, ResNeXt, Wide ResNet, MobileNet V2/V3,
+        EfficientNet, RegNet, DenseNet, or any model built from supported layers).
+    mesh:
+        The :class:`~halo.mesh.SpatialMesh` whose ``row`` x ``col`` ranks hold one image.
+    local_modules:
+        Extra leaf module types that act on each pixel alone (or on pooled features).
+
+    Raises
+    ------
+    HaloNotSupportedError
+        Naming the module path and type of the first layer that cannot be sharded exactly.
+    """
+    local = LOCAL_MODULES + tuple(local_modules)
+    if type(model) in SWAPS:
+        raise HaloNotSupportedError(f"parallelize expects a model, got a bare {type(model).__name__}")
+    _swap(model, mesh, "", local)
+    if getattr(model, "_halo_mesh", None) is None:
+        _install_guard(model, mesh)
+    return model
+
+
+def _install_guard(model: nn.Module, mesh: SpatialMesh) -> None:
+    """Run ``model``'s forward under a :class:`ShardingGuard` that knows the running module's path.
+
+    The model's class becomes a subclass of its own whose ``forward`` enters the guard, so
+    ``copy.deepcopy`` and DDP keep the guard; state-dict keys do not change.
+    """
+    where: list[str] = []
+    paths = {m: name for name, m in model.named_modules()}
+
+    def enter(module: nn.Module, _args) -> None:
+        where.append(paths.get(module, type(module).__name__))
+
+    def leave(module: nn.Module, _args, _out) -> None:
+        if where:
+            where.pop()
+
+    for m in model.modules():
+        if m is not model:
+            m.register_forward_pre_hook(enter)
+            m.register_forward_hook(leave)
+    base = type(model)
+
+    def forward(self, *args, **kwargs):
+        where.clear()
+        with ShardingGuard(self._halo_mesh, where):
+            return base.forward(self, *args, **kwargs)
+
+    model.__class__ = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__,
+                                                    "__doc__": base.__doc__})
+    model._halo_mesh = mesh

@@ -1,0 +1,118 @@
+"""Sharded vs one-device checks, run on every rank of a pool (see ``distributed.py``).
+
+Every rank builds the same float64 model and the same images from one seed, runs the
+one-device reference on the full batch itself, then the sharded model on its block, and
+returns the worst relative error of: logits, the input gradient, every parameter gradient
+(averaged over all ranks, as DDP does) and every batch-norm buffer.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import halo
+
+__all__ = ["check_equivalence", "rel_err", "TOL"]
+
+TOL = 1e-9
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    """max |a - b| / max(max |b|, floor).
+
+    ``floor`` matters only for quantities that are analytically zero, such as the gradient
+    of a convolution bias followed by batch norm: the reference then holds rounding noise
+    (~1e-17), and the error is measured against the scale of the model's gradients.
+    """
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        raise AssertionError(f"shape {tuple(a.shape)} != reference {tuple(b.shape)}")
+    scale = max(b.abs().max().item(), floor)
+    diff = (a - b).abs().max().item()
+    if scale == 0.0:
+        return diff
+    return diff / scale
+
+
+def _loss(out: torch.Tensor, seed: int) -> torch.Tensor:
+    """A loss that weighs every logit differently, so every gradient path is exercised."""
+    g = torch.Generator().manual_seed(seed + 7)
+    w = torch.randn(out.shape[1:], generator=g, dtype=out.dtype)
+    return (out * w).sum(dim=tuple(range(1, out.dim()))) + 0.1 * (out**2).sum(dim=tuple(range(1, out.dim())))
+
+
+def check_equivalence(
+    build: Callable[[], nn.Module],
+    rows: int,
+    cols: int,
+    height: int,
+    width: int,
+    *,
+    channels: int = 3,
+    train: bool = True,
+    seed: int = 0,
+    steps: int = 1,
+    lr: float = 0.0,
+) -> dict[str, float]:
+    """Worst relative errors (by quantity) of the sharded model against one device.
+
+    With ``steps > 1`` and ``lr > 0`` an SGD step is taken after each backward, and the
+    comparison also covers the updated weights.
+    """
+    mesh = halo.SpatialMesh(rows, cols)
+    d = mesh.coords[0]
+    torch.manual_seed(seed)
+    ref = build().double()
+    model = copy.deepcopy(ref)
+    images = torch.randn(mesh.data, channels, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    halo.parallelize(model, mesh)
+    ref.train(train)
+    model.train(train)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=lr) if lr else None
+    opt = torch.optim.SGD(model.parameters(), lr=lr) if lr else None
+    errors: dict[str, float] = {}
+
+    def worst(key: str, value: float) -> None:
+        errors[key] = max(errors.get(key, 0.0), value)
+
+    for step in range(steps):
+        ref.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        full = images.clone().requires_grad_(True)
+        torch.manual_seed(seed + 100 + step)
+        ref_out = ref(full)
+        _loss(ref_out, seed).mean().backward()
+
+        x = halo.scatter(images[d : d + 1], mesh).requires_grad_(True)
+        halo.manual_seed(seed + 100 + step, mesh)
+        out = model(x)
+        _loss(out, seed).sum().backward()
+        worst("logits", rel_err(out, ref_out[d : d + 1]))
+        worst("input_grad", rel_err(x.grad / mesh.world_size, halo.scatter(full.grad[d : d + 1], mesh)))
+        grad_scale = 1e-3 * max((q.grad.abs().max().item() for q in ref.parameters() if q.grad is not None), default=0.0)
+        for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            grad = grad.clone()
+            dist.all_reduce(grad)
+            if q.grad is None:
+                q_grad = torch.zeros_like(q)
+            else:
+                q_grad = q.grad
+            worst("param_grad", rel_err(grad / mesh.world_size, q_grad, grad_scale))
+            p.grad = grad / mesh.world_size  # what DDP leaves
+        if opt is not None:
+            ref_opt.step()
+            opt.step()
+            for p, q in zip(model.parameters(), ref.parameters()):
+                worst("weights", rel_err(p, q))
+        for (name, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
+            if b.is_floating_point():
+                worst("buffers", rel_err(b, c))
+            else:
+                worst("buffers", float((b != c).any()))
+    return errors

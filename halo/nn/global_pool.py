@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,11 +35,28 @@ def is_global_size(output_size) -> bool:
     return tuple(output_size) in ((1, 1), (1,))
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """All-reduce sum whose backward is again an all-reduce sum (its adjoint)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        g = g.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
 def global_sum(x: torch.Tensor, mesh: SpatialMesh) -> torch.Tensor:
     """Differentiable all-reduce sum over the ranks of one image."""
     if mesh.size == 1:
         return x
-    return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM, group=mesh.spatial_group)
+    return _AllReduceSum.apply(x, mesh.spatial_group)
 
 
 def global_avg_pool2d(x: torch.Tensor, mesh: SpatialMesh) -> torch.Tensor:

@@ -1,0 +1,216 @@
+"""Region planning and block reads on real OpenSlide, slides written by the tests."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_fixtures import GLASS, corrupt_tiles, noise_slide_image, write_slide
+
+import halo.data as hd
+from halo.data.augment import AugmentSpec
+from halo.data.slide import clear_cache
+
+GRIDS = [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """512x384 level 0 at 0.5 mpp, 3 levels; noise tissue in a box, glass around it."""
+    d = tmp_path_factory.mktemp("slides")
+    img = noise_slide_image(512, 384, seed=1, tissue=(70, 50, 330, 250))
+    return write_slide(d / "noise.tif", img, mpp=0.5, levels=3)
+
+
+@pytest.fixture(scope="module")
+def image(slide_path: Path) -> np.ndarray:
+    return noise_slide_image(512, 384, seed=1, tissue=(70, 50, 330, 250))
+
+
+def _blocks(plan: hd.RegionPlan, augment: AugmentSpec | None = None) -> np.ndarray:
+    rows, cols = plan.grid
+    return np.concatenate(
+        [np.concatenate([hd.read_block(plan, r, c, augment=augment) for c in range(cols)], axis=1) for r in range(rows)],
+        axis=0,
+    )
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("res", [{"level": 0}, {"mpp": 1.0}, {"mpp": 1.5}, {"mpp": 2.0}])
+def test_blocks_tile_full(slide_path: Path, grid: tuple[int, int], res: dict) -> None:
+    plan = hd.plan_region(slide_path, grid=grid, multiple=16, **res)
+    full = hd.read_full(plan)
+    bh, bw = plan.block_shape()
+    assert full.dtype == np.uint8 and full.shape == (bh * grid[0], bw * grid[1], 3)
+    assert bh % 16 == 0 and bw % 16 == 0 and bh > 0 and bw > 0
+    for r in range(grid[0]):
+        for c in range(grid[1]):
+            blk = hd.read_block(plan, r, c)
+            assert blk.shape == (bh, bw, 3) and blk.dtype == np.uint8
+            np.testing.assert_array_equal(blk, full[r * bh : (r + 1) * bh, c * bw : (c + 1) * bw])
+
+
+def test_full_read_is_the_slide(slide_path: Path, image: np.ndarray) -> None:
+    plan = hd.plan_region(slide_path, grid=(2, 2), multiple=32, level=0, tissue=hd.TissueOptions(enabled=False))
+    full = hd.read_full(plan)
+    (cx, cy), (cw, ch) = plan.content
+    assert (cw, ch) == (512, 384)
+    y, x = cy - plan.origin[1], cx - plan.origin[0]
+    np.testing.assert_array_equal(full[y : y + ch, x : x + cw], image)
+    pad = np.ones(full.shape[:2], bool)
+    pad[y : y + ch, x : x + cw] = False
+    assert (full[pad] == 255).all()
+
+
+def test_level_and_mpp_selection(slide_path: Path) -> None:
+    expect = {0.5: (0, 1.0), 1.0: (1, 2.0), 2.0: (2, 4.0), 1.5: (1, 3.0), 3.0: (2, 6.0), 0.505: (0, 1.0)}
+    for mpp, (level, ds) in expect.items():
+        plan = hd.plan_region(slide_path, grid=(1, 1), multiple=8, mpp=mpp)
+        assert (plan.level, plan.downsample) == (level, pytest.approx(ds)), mpp
+    plan = hd.plan_region(slide_path, grid=(1, 1), multiple=8, level=1)
+    assert (plan.level, plan.downsample, plan.mpp) == (1, 2.0, pytest.approx(1.0))
+    with pytest.raises(hd.SlideResolutionError, match="finer than level 0") as ei:
+        hd.plan_region(slide_path, mpp=0.25, multiple=8)
+    assert str(slide_path) in str(ei.value)
+    with pytest.raises(hd.SlideResolutionError, match="out of range"):
+        hd.plan_region(slide_path, level=7, multiple=8)
+
+
+def test_no_mpp_needs_level(tmp_path: Path) -> None:
+    p = write_slide(tmp_path / "nompp.tif", noise_slide_image(256, 256, 2), mpp=None, levels=2)
+    with hd.open_slide(p) as s:
+        assert s.mpp is None and s.level_count == 2
+    with pytest.raises(hd.SlideResolutionError, match="no openslide.mpp-x") as ei:
+        hd.plan_region(p, mpp=1.0, multiple=8)
+    assert str(p) in str(ei.value)
+    plan = hd.plan_region(p, mpp=1.0, level=1, multiple=8)  # level decides when mpp cannot
+    assert plan.level == 1 and plan.mpp is None
+    assert hd.plan_region(p, multiple=8).level == 0
+
+
+def test_resampling_is_a_box_filter(tmp_path: Path) -> None:
+    img = noise_slide_image(256, 128, 3)
+    p = write_slide(tmp_path / "flat.tif", img, mpp=0.25, levels=1)  # no pyramid: resample level 0
+    plan = hd.plan_region(p, mpp=1.0, multiple=8, tissue=hd.TissueOptions(enabled=False))
+    assert (plan.level, plan.downsample) == (0, 4.0)
+    full = hd.read_full(plan)
+    want = img.reshape(32, 4, 64, 4, 3).mean(axis=(1, 3))
+    y, x = plan.content[0][1] - plan.origin[1], plan.content[0][0] - plan.origin[0]
+    got = full[y : y + 32, x : x + 64].astype(float)
+    assert np.abs(got - want).max() <= 0.5 + 1e-9
+
+
+def test_tissue_crop_keeps_tissue(tmp_path: Path) -> None:
+    img = np.full((600, 800, 3), GLASS, np.uint8)
+    img[100:300, 120:320] = (120, 40, 140)  # dark, saturated tissue
+    img[250:420, 400:650] = (238, 226, 236)  # pale stroma: saturation ~0.05, above the floor
+    img[550:553, 20:23] = (90, 20, 90)  # a speck: removed as a small object
+    p = write_slide(tmp_path / "tissue.tif", img, mpp=0.5, levels=3)
+    plan = hd.plan_region(p, grid=(2, 1), multiple=16, mpp=0.5,
+                          tissue=hd.TissueOptions(thumb_size=200, margin=0.0, min_object_fraction=1e-3))
+    (x, y), (w, h) = plan.tissue_box
+    assert x <= 120 and y <= 100 and x + w >= 650 and y + h >= 420  # all tissue kept
+    assert x >= 100 and y >= 80 and x + w <= 680 and y + h <= 450  # glass (and the speck) out
+    assert plan.thumb_mask is not None and plan.thumb_mask.any()
+    full = hd.read_full(plan)
+    assert full.shape[0] % 32 == 0 and full.shape[1] % 16 == 0
+    assert (full == (120, 40, 140)).all(axis=-1).sum() == 200 * 200
+    assert (full == (238, 226, 236)).all(axis=-1).sum() == 170 * 250
+
+
+def test_outside_slide_is_white(slide_path: Path) -> None:
+    with hd.open_slide(slide_path) as s:
+        out = s.read((480, 360), 0, (64, 48))
+    assert (out[24:, :] == 255).all() and (out[:, 32:] == 255).all()
+    assert (out[:24, :32] == GLASS).all()
+
+
+@pytest.mark.parametrize("grid", [(1, 2), (2, 1), (2, 2)])
+def test_augmented_blocks_equal_augmented_full(slide_path: Path, grid: tuple[int, int]) -> None:
+    plan = hd.plan_region(slide_path, grid=grid, multiple=16, mpp=1.0)
+    specs = [AugmentSpec(flip=f, rot=k, hed_scale=(1.05, 0.95, 1.0), hed_shift=(0.01, -0.01, 0.0),
+                         brightness=0.03, contrast=1.1) for f in (False, True) for k in range(4)]
+    specs += [hd.Augment().draw(seed) for seed in range(3)]
+    base = hd.read_full(plan)
+    for spec in specs:
+        full = hd.read_full(plan, augment=spec)
+        np.testing.assert_array_equal(full, spec(base))
+        assert full.shape[:2] == plan.shape(spec)
+        np.testing.assert_array_equal(_blocks(plan, spec), full, err_msg=str(spec))
+
+
+def test_augment_draw_is_deterministic() -> None:
+    a = hd.Augment()
+    assert a.draw(7) == a.draw(7)
+    assert len({(s.flip, s.rot) for s in map(a.draw, range(64))}) == 8
+    assert hd.Augment(flips=False, rot90=False, hed_sigma=0, hed_bias=0, brightness=0, contrast=0).draw(3) == hd.IDENTITY
+
+
+def test_source_rect_matches_bruteforce() -> None:
+    h, w = 6, 10
+    idx = np.arange(h * w).reshape(h, w)
+    for flip in (False, True):
+        for rot in range(4):
+            spec = AugmentSpec(flip=flip, rot=rot)
+            aug = spec.apply_geometry(idx)
+            for rect in [(0, 2, 0, 3), (1, 5, 2, 4), (0, aug.shape[0], 0, aug.shape[1])]:
+                y0, y1, x0, x1 = spec.source_rect(rect, h, w)
+                np.testing.assert_array_equal(spec.apply_geometry(idx[y0:y1, x0:x1]),
+                                              aug[rect[0]:rect[1], rect[2]:rect[3]])
+
+
+def test_stain_normalisation_per_block(tmp_path: Path) -> None:
+    from halo.data.synth import render_tissue
+
+    img, _, _ = render_tissue(np.random.default_rng(0), (384, 256), tumour=True)
+    p = write_slide(tmp_path / "he.tif", img, mpp=0.5, levels=2)
+    plan = hd.plan_region(p, grid=(2, 2), multiple=16, mpp=0.5, stain_normalize=True)
+    assert plan.stain is not None
+    full = hd.read_full(plan)
+    np.testing.assert_array_equal(_blocks(plan), full)
+    raw = hd.read_full(hd.plan_region(p, grid=(2, 2), multiple=16, mpp=0.5))
+    assert not np.array_equal(full, raw)
+
+
+def test_plan_pickles_and_rot90_padding(slide_path: Path) -> None:
+    plan = hd.plan_region(slide_path, grid=(2, 1), multiple=16, mpp=1.0)
+    back = pickle.loads(pickle.dumps(plan))
+    np.testing.assert_array_equal(hd.read_full(back), hd.read_full(plan))
+    w, h = plan.padded_size
+    assert w % 32 == 0 and h % 32 == 0  # tiles the 2x1 grid in both orientations
+    plain = hd.plan_region(slide_path, grid=(2, 1), multiple=16, mpp=1.0, rot90=False)
+    assert plain.padded_size[0] % 16 == 0 and plain.padded_size[1] % 32 == 0
+    with pytest.raises(IndexError):
+        hd.read_block(plan, 2, 0)
+
+
+def test_errors_name_the_file(tmp_path: Path, slide_path: Path) -> None:
+    missing = tmp_path / "nope.svs"
+    with pytest.raises(hd.SlideOpenError, match="no such file") as ei:
+        hd.plan_region(missing)
+    assert str(missing) in str(ei.value)
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"this is not a slide")
+    with pytest.raises(hd.SlideOpenError) as ei:
+        hd.plan_region(junk)
+    assert str(junk) in str(ei.value)
+    with pytest.raises(hd.SlideTooSmallError, match="grid 4x4") as ei:
+        hd.plan_region(slide_path, grid=(4, 4), multiple=32, mpp=2.0)
+    assert str(slide_path) in str(ei.value)
+    with pytest.raises(ValueError, match="grid"):
+        hd.plan_region(slide_path, grid=(0, 1))
+
+
+def test_corrupt_tiles_raise_read_error(tmp_path: Path) -> None:
+    p = write_slide(tmp_path / "bad.tif", noise_slide_image(256, 192, 4), mpp=0.5, levels=2)
+    plan = hd.plan_region(p, grid=(1, 1), multiple=16, level=0, tissue=hd.TissueOptions(enabled=False))
+    clear_cache()
+    corrupt_tiles(p)
+    with pytest.raises(hd.SlideReadError) as ei:
+        hd.read_block(plan, 0, 0)
+    err = ei.value
+    assert str(p) in str(err) and "level 0" in str(err) and "(x, y)" in str(err) and "(width, height)" in str(err)
+    assert err.level == 0
+    clear_cache()

@@ -78,6 +78,8 @@ def _swap(module: nn.Module, mesh: SpatialMesh, prefix: str, local: tuple[type[n
     for child_name, child in module.named_children():
         path = f"{prefix}.{child_name}" if prefix else child_name
         kind = type(child)
+        if hasattr(child, "attach_mesh"):  # slide heads: cross-rank reductions over the mesh
+            child.attach_mesh(mesh)
         if isinstance(child, _HALO_TYPES):
             continue
         if kind in SWAPS:

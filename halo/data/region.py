@@ -339,7 +339,7 @@ def _read_target(slide: Slide, plan: RegionPlan, tx0: int, ty0: int, dst: np.nda
         sy0, sy1 = int(iy.min()), int(iy.max()) + 1
         sx0, sx1 = int(ix.min()), int(ix.max()) + 1
         loc = (int(round(sx0 * lds)), int(round(sy0 * lds)))
-        src = slide.read(loc, plan.level, (sx1 - sx0, sy1 - sy0), plan.background).astype(np.float64)
+        src = slide.read(loc, plan.level, (sx1 - sx0, sy1 - sy0), plan.background).astype(np.float32)
         tmp = wy[:, 0, None, None] * src[iy[:, 0] - sy0]
         for k in range(1, iy.shape[1]):
             tmp = tmp + wy[:, k, None, None] * src[iy[:, k] - sy0]
@@ -358,7 +358,7 @@ def _box_taps(t0: int, n: int, s: float) -> tuple[np.ndarray, np.ndarray]:
     Returns
     -------
     idx, weight:
-        ``(n, K)`` int64 source indices and float64 weights.
+        ``(n, K)`` int64 source indices and float32 weights.
     """
     t = np.arange(t0, t0 + n, dtype=np.float64)
     lo = t * s
@@ -367,7 +367,7 @@ def _box_taps(t0: int, n: int, s: float) -> tuple[np.ndarray, np.ndarray]:
     idx = np.floor(lo).astype(np.int64)[:, None] + np.arange(k)[None, :]
     left = np.maximum(idx, lo[:, None])
     right = np.minimum(idx + 1, hi[:, None])
-    wgt = np.clip(right - left, 0.0, None) / s
+    wgt = (np.clip(right - left, 0.0, None) / s).astype(np.float32)
     last = np.maximum(np.ceil(hi).astype(np.int64) - 1, idx[:, 0])
     idx = np.minimum(idx, last[:, None])  # zero-weight taps point at a pixel already read
     return idx, wgt

@@ -8,6 +8,7 @@ from halo.nn.global_pool import (
     global_max_pool2d,
     global_sum,
 )
+from halo.nn.heads import GatedAttentionHead, MaxHead, MeanHead, SlideHead, TopKHead
 from halo.nn.norm import HaloBatchNorm2d
 from halo.nn.pool import HaloAvgPool2d, HaloMaxPool2d
 
@@ -22,4 +23,9 @@ __all__ = [
     "global_avg_pool2d",
     "global_max_pool2d",
     "global_sum",
+    "SlideHead",
+    "MeanHead",
+    "MaxHead",
+    "GatedAttentionHead",
+    "TopKHead",
 ]

@@ -1,0 +1,356 @@
+"""The training engine behind ``halo-train``: data split over image groups, DDP, checkpoints.
+
+Vocabulary: an *image group* is the ``rows x cols`` ranks that share one slide (the mesh's
+``data`` index names it); every rank of a group reads its own block of the same slide.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import halo
+from halo.checkpoint import check_signature, load_checkpoint, save_atomic, signature
+from halo.checkpoint import FORMAT as CKPT_FORMAT
+from halo.data import Augment, ManifestError, Prefetcher, SlideDataset
+from halo.evaluate import save_heatmap, slide_metrics, write_predictions
+from halo.models import build_classifier, total_stride
+
+__all__ = ["Engine"]
+
+log = logging.getLogger("halo.train")
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Engine:
+    """One training or prediction run on this rank. See :func:`halo.train.run`."""
+
+    def __init__(self, cfg: DictConfig, env, run_dir: Path) -> None:
+        self.cfg, self.env = cfg, env
+        self.rank = dist.get_rank()
+        self.is_main = self.rank == 0
+        self.run_dir = Path(_broadcast(str(Path(run_dir).resolve())))
+        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        if cfg.train.threads:
+            torch.set_num_threads(int(cfg.train.threads))
+        elif self.device.type == "cpu":
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or min(dist.get_world_size(), os.cpu_count() or 1)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        self.mesh = halo.SpatialMesh(int(cfg.mesh.rows), int(cfg.mesh.cols))
+        self.group = self.mesh.coords[0]
+        self.classes = list(cfg.data.classes)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / ".hydra").mkdir(exist_ok=True)
+            (self.run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        torch.manual_seed(int(cfg.train.seed))  # the same initial weights on every rank
+        self.model = build_classifier(
+            cfg.model.name, int(cfg.model.num_classes), head=cfg.head.name,
+            head_options=OmegaConf.to_container(cfg.head.options, resolve=True), weights=cfg.model.weights,
+            checkpointing=bool(cfg.train.checkpointing),
+        )
+        if len(self.classes) != int(cfg.model.num_classes):
+            raise ValueError(f"data.classes has {len(self.classes)} names but model.num_classes={cfg.model.num_classes}")
+        self.signature = signature(self.model, name=cfg.model.name, head=cfg.head.name, num_classes=len(self.classes))
+        self.multiple = total_stride(self.model.trunk)
+        self.model = halo.parallelize(self.model, self.mesh).to(self.device)
+        halo.manual_seed(int(cfg.train.seed), self.mesh)  # dropout: same draws within an image group
+
+    # -- data -------------------------------------------------------------------------
+    def _csv(self) -> str:
+        data = self.cfg.data
+        if data.kind == "synthetic":
+            csv = Path(data.csv)
+            if self.is_main and not csv.is_file():
+                from halo.data.synth import make_cohort
+
+                log.info("generating the synthetic cohort in %s (cached for later runs)", data.root)
+                make_cohort(data.root, slides=int(data.slides), seed=int(data.seed))
+            dist.barrier()
+            return str(csv)
+        return str(data.csv)
+
+    def _dataset(self, split: str | None, validate: bool) -> SlideDataset:
+        data = self.cfg.data
+        kwargs = dict(
+            classes=self.classes, grid=(self.mesh.rows, self.mesh.cols), multiple=self.multiple, mpp=data.mpp,
+            level=data.level, split=split, strict=bool(data.strict), root=data.root, record_dir=self.run_dir,
+        )
+        csv = self._csv()
+        problem = None
+        if self.is_main and validate:
+            try:
+                SlideDataset(csv, **kwargs, validate=True)
+            except (ManifestError, ValueError, FileNotFoundError) as e:
+                problem = f"{type(e).__name__}: {e}"
+        problem = _broadcast(problem)
+        if problem:
+            raise SystemExit(f"halo-train: nothing was trained, the manifest has problems:\n{problem}")
+        return SlideDataset(csv, **kwargs, validate=False)
+
+    def _block(self, ds: SlideDataset, index: int, augment_seed: int | None) -> torch.Tensor | None:
+        spec = Augment().draw(augment_seed) if augment_seed is not None and self.cfg.data.augment else None
+        _, row, col = self.mesh.coords
+        block = ds.read_block_safe(index, row, col, augment=spec)
+        if block is None:
+            return None
+        x = torch.from_numpy(np.ascontiguousarray(block)).permute(2, 0, 1)[None].float().div_(255)
+        return ((x - MEAN) / STD).to(self.device, non_blocking=True)
+
+    def _agree(self, ok: bool) -> torch.Tensor:
+        """Which image groups read their slide this step (every rank of a group must agree)."""
+        flags = torch.zeros(self.mesh.data, device=self.device)
+        flags[self.group] = 0.0 if ok else 1.0
+        dist.all_reduce(flags)
+        return flags == 0
+
+    def _shard(self, order: list[int], pad: bool) -> list[int]:
+        groups = self.mesh.data
+        if pad and len(order) % groups:
+            order = order + order[: groups - len(order) % groups]
+        return order[self.group :: groups]
+
+    # -- training ---------------------------------------------------------------------
+    def _optimizer(self, params, steps_per_epoch: int):
+        t = self.cfg.train
+        if t.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=float(t.lr), weight_decay=float(t.weight_decay))
+        elif t.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=float(t.lr), momentum=float(t.momentum), weight_decay=float(t.weight_decay))
+        else:
+            raise ValueError(f"train.optimizer must be adamw or sgd, got {t.optimizer!r}")
+        total = max(1, int(t.epochs) * steps_per_epoch)
+        if t.schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(t.lr), total_steps=total,
+                                                        pct_start=float(t.warmup_fraction))
+        elif t.schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        elif t.schedule == "constant":
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        else:
+            raise ValueError(f"train.schedule must be onecycle, cosine or constant, got {t.schedule!r}")
+        return opt, sched
+
+    def _autocast(self):
+        enabled = bool(self.cfg.train.bf16) and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        if self.cfg.train.freeze_bn:
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def train(self) -> dict[str, Any]:
+        t = self.cfg.train
+        train_ds = self._dataset("train", validate=True)
+        val_ds = self._dataset("val", validate=False)
+        if len(train_ds) == 0:
+            raise ValueError(f"no slides with split 'train' in {train_ds.csv_path}")
+        steps_per_epoch = math.ceil(len(train_ds) / self.mesh.data)
+        accumulate = max(1, int(t.accumulate))
+        ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        opt, sched = self._optimizer(ddp.parameters(), math.ceil(steps_per_epoch / accumulate))
+        weights = torch.as_tensor(train_ds.class_weights(), dtype=torch.float32, device=self.device) if t.class_weights else None
+        state = {"epoch": 0, "best_auc": -math.inf, "best_epoch": -1, "slides_seen": 0, "history": []}
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if t.resume and last.is_file():
+            state = self._restore(last, opt, sched)
+        elif t.resume:
+            log.warning("train.resume=true but %s does not exist: starting from scratch", last)
+        for epoch in range(state["epoch"], int(t.epochs)):
+            started = time.time()
+            loss_sum, seen = self._train_epoch(ddp, opt, sched, train_ds, epoch, steps_per_epoch, accumulate, weights)
+            state["slides_seen"] += seen
+            metrics, rows, _ = self._evaluate(val_ds, heatmaps=False)
+            record = {"epoch": epoch + 1, "train_loss": loss_sum, **{f"val_{k}": v for k, v in metrics.items() if k != "confusion"},
+                      "lr": sched.get_last_lr()[0], "slides_seen": state["slides_seen"], "seconds": round(time.time() - started, 2)}
+            state["history"].append(record)
+            improved = not math.isnan(metrics.get("auc", math.nan)) and metrics["auc"] > state["best_auc"]
+            if improved:
+                state["best_auc"], state["best_epoch"] = metrics["auc"], epoch + 1
+            state["epoch"] = epoch + 1
+            self._save(last, opt, sched, state)
+            if improved and self.is_main:
+                save_atomic(torch.load(last, weights_only=True), self.run_dir / "checkpoints" / "best.pt")
+            if self.is_main:
+                self._write_metrics(state["history"])
+                self._write_predictions(rows)
+                log.info("epoch %d: train loss %.4f, val auc %.3f, balanced acc %.3f", epoch + 1, loss_sum,
+                         metrics.get("auc", math.nan), metrics.get("balanced_accuracy", math.nan))
+        return self._finish(state, val_ds)
+
+    def _train_epoch(self, ddp, opt, sched, ds, epoch, steps, accumulate, weights) -> tuple[float, int]:
+        t = self.cfg.train
+        rng = np.random.default_rng([int(t.seed), epoch])
+        order = self._shard([int(i) for i in rng.permutation(len(ds))], pad=True)
+        seeds = {i: int(np.random.default_rng([int(t.seed), epoch, i]).integers(2**31)) for i in order}
+        self._set_train_mode()
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        bar = None
+        if self.is_main and t.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}", unit="slide", dynamic_ncols=True)
+        opt.zero_grad(set_to_none=True)
+        with Prefetcher(lambda i: self._block(ds, i, seeds[i]), order) as blocks:
+            for step, (index, x) in enumerate(blocks):
+                ok = self._agree(x is not None)
+                use = bool(ok[self.group])
+                if not use:  # keep every collective in step: a zero input with zero weight
+                    x = torch.zeros(1, 3, *ds.plan(order[0]).block_shape(), device=self.device) if x is None else x
+                label = torch.tensor([ds.rows[index].label], device=self.device)
+                sync = (step + 1) % accumulate == 0 or step + 1 == len(order)
+                ctx = ddp.no_sync() if not sync else torch.enable_grad()
+                with ctx, self._autocast():
+                    logits = ddp(x)
+                    loss = F.cross_entropy(logits.float(), label, weight=weights)
+                    ((loss if use else loss * 0) / accumulate).backward()
+                if sync:
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                if use:
+                    total += loss.detach()
+                    count += 1
+                if bar is not None:
+                    bar.update(1)
+                    if step % 4 == 0:
+                        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if bar is not None:
+            bar.close()
+        # every group's sum counts once; every rank of a group holds the same loss
+        both = torch.stack([total, count]) / self.mesh.size
+        dist.all_reduce(both)
+        return float(both[0] / both[1].clamp(min=1)), int(both[1].item())
+
+    # -- evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def _evaluate(self, ds: SlideDataset, heatmaps: bool) -> tuple[dict[str, float], list[dict], list]:
+        self.model.eval()
+        mine = self._shard(list(range(len(ds))), pad=True)
+        rows, maps = [], []
+        for step, index in enumerate(mine):
+            x = self._block(ds, index, None)
+            ok = self._agree(x is not None)
+            if not ok[self.group]:
+                x = torch.zeros(1, 3, *ds.plan(mine[0]).block_shape(), device=self.device) if x is None else x
+            with self._autocast():
+                logits = self.model(x).float()
+            head_map = getattr(self.model.head, "last_map", None)
+            if heatmaps and head_map is not None:
+                full = halo.gather(head_map.float(), self.mesh)
+                maps.append((index, full[0].cpu().numpy()))
+            if ok[self.group] and self.mesh.coords[1:] == (0, 0):
+                item = ds.rows[index]
+                rows.append({"slide": item.slide_id, "index": index, "split": item.split, "label": item.label,
+                             "probs": torch.softmax(logits[0], 0).cpu().tolist()})
+        everything = _all_gather((rows, maps if heatmaps else []))
+        unique = {r["slide"]: r for part, _ in everything for r in part}
+        all_rows = list(unique.values())
+        all_maps = {i: m for _, part in everything for i, m in part}
+        metrics: dict[str, float] = {}
+        if all_rows:
+            metrics = slide_metrics([r["label"] for r in all_rows], np.array([r["probs"] for r in all_rows]), len(self.classes))
+        return metrics, all_rows, list(all_maps.items())
+
+    def _write_metrics(self, history: list[dict]) -> None:
+        keys = list(dict.fromkeys(k for r in history for k in r))
+        lines = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) for r in history]
+        (self.run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+    def _write_predictions(self, rows: list[dict]) -> None:
+        write_predictions(self.run_dir / "predictions.csv", rows, self.classes)
+
+    def _heatmaps(self, ds: SlideDataset, maps: list) -> None:
+        out = self.run_dir / "heatmaps"
+        for index, m in maps:
+            item = ds.rows[index]
+            score = m[-1] if m.shape[0] > 1 else m[0]  # positive class (CAM) or attention weights
+            label = "attention" if m.shape[0] == 1 else f"{self.classes[-1]} score"
+            save_heatmap(out / f"{item.slide_id}.png", ds.plan(index), score, mask_path=item.mask, label=label,
+                         title=f"{item.slide_id} (label {self.classes[item.label]})")
+
+    def _finish(self, state: dict, val_ds: SlideDataset) -> dict[str, Any]:
+        best = self.run_dir / "checkpoints" / "best.pt"
+        if best.is_file():
+            self.model.load_state_dict(load_checkpoint(best)["model_state"])
+        metrics, rows, maps = self._evaluate(val_ds, heatmaps=bool(self.cfg.train.heatmaps))
+        summary = {
+            "val_auc": state["best_auc"] if state["best_epoch"] > 0 else None,
+            "best_epoch": state["best_epoch"], "slides_seen": state["slides_seen"], "epochs": state["epoch"],
+            "final": {k: v for k, v in metrics.items()}, "world_size": dist.get_world_size(),
+            "mesh": [self.mesh.rows, self.mesh.cols], "run_dir": str(self.run_dir),
+        }
+        if self.is_main:
+            self._write_predictions(rows)
+            self._heatmaps(val_ds, maps)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        dist.barrier()
+        return summary
+
+    # -- checkpoints ------------------------------------------------------------------
+    def _save(self, path: Path, opt, sched, state: dict) -> None:
+        rng = _all_gather(torch.get_rng_state())
+        if self.is_main:
+            save_atomic({
+                "format": CKPT_FORMAT, "signature": self.signature, "model_state": self.model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng,
+                "state": {k: v for k, v in state.items()}, "config": OmegaConf.to_container(self.cfg, resolve=True),
+            }, path)
+        dist.barrier()
+
+    def _restore(self, path: Path, opt, sched) -> dict:
+        ckpt = load_checkpoint(path)
+        check_signature(ckpt, self.signature, path)
+        self.model.load_state_dict(ckpt["model_state"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if len(ckpt["rng"]) == dist.get_world_size():
+            torch.set_rng_state(ckpt["rng"][self.rank])
+        log.info("resumed from %s at epoch %d", path, ckpt["state"]["epoch"])
+        return dict(ckpt["state"])
+
+    def predict(self) -> dict[str, Any]:
+        if not self.cfg.checkpoint:
+            raise ValueError("mode=predict needs checkpoint=PATH (a best.pt or last.pt)")
+        ckpt = load_checkpoint(self.cfg.checkpoint)
+        check_signature(ckpt, self.signature, self.cfg.checkpoint)
+        self.model.load_state_dict(ckpt["model_state"])
+        ds = self._dataset(None, validate=True)
+        metrics, rows, maps = self._evaluate(ds, heatmaps=bool(self.cfg.train.heatmaps))
+        summary = {"mode": "predict", "checkpoint": str(self.cfg.checkpoint), "slides": len(rows),
+                   "metrics": {k: v for k, v in metrics.items()}}
+        if self.is_main:
+            self._write_predictions(rows)
+            self._heatmaps(ds, maps)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        dist.barrier()
+        return summary

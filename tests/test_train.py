@@ -1,0 +1,136 @@
+"""halo-train end to end: Hydra composition, a two-rank run, resume, predict, bad manifests."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from halo.train import CONF_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    from halo.data.synth import make_cohort
+
+    return make_cohort(tmp_path_factory.mktemp("cohort"), slides=8, seed=1, size=(512, 512), mpp=0.5, levels=2)
+
+
+def _overrides(cohort: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "data=csv", f"data.csv={cohort}", "data.classes=[normal,tumour]", "data.mpp=1.0",
+        "train.epochs=3", "train.progress=false", "train.threads=1", f"hydra.run.dir={run_dir}", *extra,
+    ]
+
+
+def _train(args: list[str], timeout: float = 240, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*TORCHRUN, "-m", "halo.train", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "metrics.csv") as fh:
+        return [float(r["train_loss"]) for r in csv.DictReader(fh)]
+
+
+def test_overrides_reach_the_config() -> None:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["mesh.rows=2", "mesh.cols=2", "train.lr=3e-4", "train.epochs=3",
+                                           "model=resnet18", "head=attention", "dist.timeout_s=30"])
+    assert (cfg.mesh.rows, cfg.mesh.cols, cfg.train.lr, cfg.train.epochs) == (2, 2, 3e-4, 3)
+    assert (cfg.model.name, cfg.head.name, cfg.dist.timeout_s, cfg.data.kind) == ("resnet18", "attention", 30, "synthetic")
+
+
+@pytest.mark.parametrize("group,options", [
+    ("model", ["halo_tiny", "resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_small", "regnet_y_400mf"]),
+    ("head", ["max", "mean", "attention", "topk"]),
+    ("data", ["synthetic", "csv"]),
+    ("mesh", ["1x1", "2x1", "2x2"]),
+])
+def test_every_config_option_composes_and_builds(group: str, options: list[str]) -> None:
+    from halo.models import build_classifier
+
+    for option in options:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=[f"{group}={option}"])
+        assert cfg[group].get("name", option) == option or group in ("data", "mesh")
+        if group in ("model", "head"):
+            model = build_classifier(cfg.model.name, cfg.model.num_classes, head=cfg.head.name,
+                                     head_options=dict(cfg.head.options))
+            assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+
+
+@pytest.mark.timeout(600)
+def test_two_rank_run_resume_and_predict(cohort: Path, tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    done = _train(_overrides(cohort, full))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("metrics.csv", "summary.json", "predictions.csv", "checkpoints/last.pt", "checkpoints/best.pt",
+                 ".hydra/config.yaml"):
+        assert (full / name).is_file(), name
+    assert list((full / "heatmaps").glob("*.png"))
+    summary = json.loads((full / "summary.json").read_text())
+    assert {"val_auc", "best_epoch", "slides_seen"} <= set(summary)
+    assert summary["slides_seen"] == 3 * 6  # 6 training slides, one image group of 2 ranks
+    assert "lr: 0.002" in (full / ".hydra/config.yaml").read_text()
+    ckpt = torch.load(full / "checkpoints/last.pt", weights_only=True)
+    assert ckpt["state"]["epoch"] == 3
+
+    # interrupted after the first epoch's checkpoint, then resumed: the same losses
+    part = tmp_path / "part"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*TORCHRUN, "-m", "halo.train", *_overrides(cohort, part)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (part / "metrics.csv").is_file():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert len(_losses(part)) < 3, "the run finished before it could be interrupted"
+    resumed = _train(_overrides(cohort, part, "train.resume=true"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert _losses(part) == _losses(full)
+
+    # predict with the best checkpoint writes probabilities and heatmaps, trains nothing
+    pred = tmp_path / "pred"
+    out = _train(_overrides(cohort, pred, "mode=predict", f"checkpoint={full / 'checkpoints/best.pt'}"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(pred / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and all(0.0 <= float(r["prob_tumour"]) <= 1.0 for r in rows)
+    assert not (pred / "checkpoints").exists()
+
+    # a checkpoint from another model is refused by name
+    other = _train(_overrides(cohort, tmp_path / "other", "mode=predict", "head=mean",
+                              f"checkpoint={full / 'checkpoints/best.pt'}"))
+    assert other.returncode != 0 and "from another model: head='max'" in other.stderr
+
+
+@pytest.mark.timeout(300)
+def test_bad_manifest_stops_before_training(cohort: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    rows = cohort.read_text().splitlines()
+    rows.append("missing_slide.tif,tumour,train,,0")
+    rows.append(rows[1].replace(",tumour,", ",lymphoma,").replace(",normal,", ",lymphoma,"))
+    bad.write_text("\n".join(rows) + "\n")
+    (tmp_path / "slides").mkdir()
+    run_dir = tmp_path / "run"
+    out = _train(_overrides(cohort, run_dir, f"data.csv={bad}", f"data.root={cohort.parent}"), timeout=200)
+    assert out.returncode != 0
+    assert "missing_slide.tif" in out.stderr and "lymphoma" in out.stderr
+    assert "line 10" in out.stderr and "line 11" in out.stderr
+    assert not (run_dir / "checkpoints").exists()

@@ -51,3 +51,19 @@ def test_model_deep_thin_blocks(pool4, name: str) -> None:
 def test_optimizer_steps_match(pool4) -> None:
     """Three SGD steps on 2x2 leave the same weights and BN buffers as on one device."""
     _assert_exact(pool4.run(run_model, "resnet18", 2, 2, True, 3, 0.1, timeout=500))
+
+
+def _checkpointed_classifier():
+    from halo.models import build_classifier
+
+    return build_classifier("resnet18", 3, head="attention", checkpointing=True)
+
+
+def run_checkpointed(rows: int, cols: int) -> dict[str, float]:
+    return check_equivalence(_checkpointed_classifier, rows, cols, 64 * rows, 64 * cols, train=True)
+
+
+@pytest.mark.timeout(600)
+def test_activation_checkpointing_is_exact(pool4) -> None:
+    """Recomputing trunk stages in backward redoes the halo exchanges: still the one-device numbers."""
+    _assert_exact(pool4.run(run_checkpointed, 2, 2, timeout=500))

@@ -17,7 +17,7 @@ from torch import nn
 
 import halo
 
-__all__ = ["check_equivalence", "rel_err", "TOL"]
+__all__ = ["check_equivalence", "assert_exact", "rel_err", "TOL"]
 
 TOL = 1e-9
 
@@ -119,3 +119,10 @@ def check_equivalence(
             else:
                 worst("buffers", float((b != c).any()))
     return errors
+
+
+def assert_exact(results: list[dict[str, float]]) -> None:
+    """Every rank's every relative error below :data:`TOL`."""
+    for rank, errors in enumerate(results):
+        bad = {k: v for k, v in errors.items() if not v < TOL}
+        assert not bad, f"rank {rank}: relative errors above {TOL}: {bad} (all: {errors})"

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 import halo
-from equivalence import TOL, check_equivalence, rel_err
+from equivalence import assert_exact, check_equivalence, rel_err
 from halo.errors import HaloShapeError
 from halo.nn import GatedAttentionHead, MaxHead, MeanHead, TopKHead
 
@@ -106,37 +106,32 @@ def run_batch(name: str, rows: int, cols: int, h: int, w: int, n: int) -> dict[s
     return errors
 
 
-def _assert_exact(results: list[dict[str, float]]) -> None:
-    for rank, errors in enumerate(results):
-        bad = {k: v for k, v in errors.items() if not v < TOL}
-        assert not bad, f"rank {rank}: relative errors above {TOL}: {bad} (all: {errors})"
-
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_head_two_ranks(pool2, name: str) -> None:
     for rows, cols in [(1, 2), (2, 1)]:
-        _assert_exact(pool2.run(run_head, name, rows, cols, 16 * rows, 16 * cols))
+        assert_exact(pool2.run(run_head, name, rows, cols, 16 * rows, 16 * cols))
     if name not in RANDOM:  # 1x1: one rank per image, no collectives in the head
-        _assert_exact(pool2.run(run_head, name, 1, 1, 16, 16))
+        assert_exact(pool2.run(run_head, name, 1, 1, 16, 16))
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_head_four_ranks(pool4, name: str) -> None:
     # 2x2 (blocks of 4x4 features), then 1x2 with two images (data axis of 2).
-    _assert_exact(pool4.run(run_head, name, 2, 2, 16, 16))
+    assert_exact(pool4.run(run_head, name, 2, 2, 16, 16))
     if name not in RANDOM:
-        _assert_exact(pool4.run(run_head, name, 1, 2, 16, 32))
+        assert_exact(pool4.run(run_head, name, 1, 2, 16, 32))
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("name", ["mean", "max", "attention", "attention_dropout", "topk", "topk_wide"])
 def test_head_maps_and_batch(pool2, pool4, name: str) -> None:
     """Two images per rank, and ``last_map`` gathered equals the one-device map."""
-    _assert_exact(pool2.run(run_batch, name, 1, 2, 16, 32, 2))
+    assert_exact(pool2.run(run_batch, name, 1, 2, 16, 32, 2))
     results = pool4.run(run_batch, name, 2, 2, 16, 16, 2)
-    _assert_exact(results)
+    assert_exact(results)
     assert all("last_map" in r for r in results)
 
 

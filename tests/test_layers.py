@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from equivalence import TOL, check_equivalence
+from equivalence import assert_exact, check_equivalence
 from models_zoo import LAYERS
 
 MESHES2 = [(1, 2), (2, 1)]
@@ -15,18 +15,13 @@ def run_layer(name: str, rows: int, cols: int, train: bool, h: int, w: int) -> d
                              train=train)
 
 
-def _assert_exact(results: list[dict[str, float]]) -> None:
-    for rank, errors in enumerate(results):
-        bad = {k: v for k, v in errors.items() if not v < TOL}
-        assert not bad, f"rank {rank}: relative errors above {TOL}: {bad} (all: {errors})"
-
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_two_ranks(pool2, name: str, train: bool) -> None:
     for rows, cols in MESHES2:
-        _assert_exact(pool2.run(run_layer, name, rows, cols, train, 16 * rows, 16 * cols))
+        assert_exact(pool2.run(run_layer, name, rows, cols, train, 16 * rows, 16 * cols))
 
 
 @pytest.mark.timeout(300)
@@ -37,4 +32,4 @@ def test_layer_four_ranks(pool4, name: str) -> None:
     # each image group draws its own (as data-parallel replicas do).
     meshes = [(2, 2), (4, 1)] + ([] if "dropout" in name else [(1, 2)])
     for rows, cols in meshes:
-        _assert_exact(pool4.run(run_layer, name, rows, cols, True, 8 * rows, 12 * cols))
+        assert_exact(pool4.run(run_layer, name, rows, cols, True, 8 * rows, 12 * cols))

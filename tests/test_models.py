@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from equivalence import TOL, check_equivalence
+from equivalence import assert_exact, check_equivalence
 from models_zoo import MODELS
 
 # Image sizes keep every block a multiple of the total stride 32 and the deepest global
@@ -21,36 +21,31 @@ def run_model(name: str, rows: int, cols: int, train: bool, steps: int = 1, lr: 
     return check_equivalence(MODELS[name], rows, cols, *size, train=train, steps=steps, lr=lr)
 
 
-def _assert_exact(results: list[dict[str, float]]) -> None:
-    for rank, errors in enumerate(results):
-        bad = {k: v for k, v in errors.items() if not v < TOL}
-        assert not bad, f"rank {rank}: relative errors above {TOL}: {bad} (all: {errors})"
-
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_model_two_ranks(pool2, name: str) -> None:
     for rows, cols in [(1, 2), (2, 1)]:
-        _assert_exact(pool2.run(run_model, name, rows, cols, True, timeout=500))
-    _assert_exact(pool2.run(run_model, name, 1, 2, False, timeout=500))
+        assert_exact(pool2.run(run_model, name, rows, cols, True, timeout=500))
+    assert_exact(pool2.run(run_model, name, 1, 2, False, timeout=500))
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_model_four_ranks(pool4, name: str) -> None:
-    _assert_exact(pool4.run(run_model, name, 2, 2, True, timeout=500))
+    assert_exact(pool4.run(run_model, name, 2, 2, True, timeout=500))
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_model_deep_thin_blocks(pool4, name: str) -> None:
-    _assert_exact(pool4.run(run_model, name, 4, 1, True, timeout=500))
+    assert_exact(pool4.run(run_model, name, 4, 1, True, timeout=500))
 
 
 @pytest.mark.timeout(600)
 def test_optimizer_steps_match(pool4) -> None:
     """Three SGD steps on 2x2 leave the same weights and BN buffers as on one device."""
-    _assert_exact(pool4.run(run_model, "resnet18", 2, 2, True, 3, 0.1, timeout=500))
+    assert_exact(pool4.run(run_model, "resnet18", 2, 2, True, 3, 0.1, timeout=500))
 
 
 def _checkpointed_classifier():
@@ -66,4 +61,4 @@ def run_checkpointed(rows: int, cols: int) -> dict[str, float]:
 @pytest.mark.timeout(600)
 def test_activation_checkpointing_is_exact(pool4) -> None:
     """Recomputing trunk stages in backward redoes the halo exchanges: still the one-device numbers."""
-    _assert_exact(pool4.run(run_checkpointed, 2, 2, timeout=500))
+    assert_exact(pool4.run(run_checkpointed, 2, 2, timeout=500))

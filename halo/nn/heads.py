@@ -142,7 +142,29 @@ class SlideHead(nn.Module):
         return mesh
 
 
-class MeanHead(SlideHead):
+class _PooledHead(SlideHead):
+    """Global pooling (``_pool``), dropout, then a linear classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, mesh: SpatialMesh | None = None, *,
+                 dropout: float = 0.0, keep_maps: bool = False) -> None:
+        super().__init__(mesh)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_channels, num_classes)
+        self.keep_maps = keep_maps
+
+    def _pool(self, x: torch.Tensor, mesh: SpatialMesh | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @halo_op
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` from the block ``x`` ``(N, C, h, w)``."""
+        pooled = self._pool(x, self._spatial_mesh(x)).flatten(1)
+        if self.keep_maps:
+            self.last_map = _position_scores(x, self.fc)
+        return mark_replicated(self.fc(self.dropout(pooled)))
+
+
+class MeanHead(_PooledHead):
     """Global average pooling, (dropout), then a linear classifier.
 
     Parameters
@@ -158,53 +180,19 @@ class MeanHead(SlideHead):
         over the slide is the logits, dropout aside) in ``last_map``: ``(N, num_classes, h, w)``.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, mesh: SpatialMesh | None = None, *,
-                 dropout: float = 0.0, keep_maps: bool = False) -> None:
-        super().__init__(mesh)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(in_channels, num_classes)
-        self.keep_maps = keep_maps
-
-    @halo_op
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)`` from the block ``x`` ``(N, C, h, w)``."""
-        mesh = self._spatial_mesh(x)
-        pooled = x.mean((2, 3)) if mesh is None else global_avg_pool2d(x, mesh).flatten(1)
-        if self.keep_maps:
-            self.last_map = _position_scores(x, self.fc)
-        return mark_replicated(self.fc(self.dropout(pooled)))
+    def _pool(self, x: torch.Tensor, mesh: SpatialMesh | None) -> torch.Tensor:
+        return x.mean((2, 3)) if mesh is None else global_avg_pool2d(x, mesh)
 
 
-class MaxHead(SlideHead):
+class MaxHead(_PooledHead):
     """Global max pooling, then a linear classifier.
 
     Ties go to the first position of the slide in row-major order, as on one device.
-
-    Parameters
-    ----------
-    in_channels, num_classes, mesh:
-        See :class:`MeanHead`.
-    dropout:
-        Dropout probability on the pooled features.
-    keep_maps:
-        Keep the classifier applied at every position in ``last_map``.
+    Parameters and ``last_map`` as in :class:`MeanHead`.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, mesh: SpatialMesh | None = None, *,
-                 dropout: float = 0.0, keep_maps: bool = False) -> None:
-        super().__init__(mesh)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(in_channels, num_classes)
-        self.keep_maps = keep_maps
-
-    @halo_op
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)`` from the block ``x`` ``(N, C, h, w)``."""
-        mesh = self._spatial_mesh(x)
-        pooled = F.adaptive_max_pool2d(x, 1) if mesh is None else global_max_pool2d(x, mesh)
-        if self.keep_maps:
-            self.last_map = _position_scores(x, self.fc)
-        return mark_replicated(self.fc(self.dropout(pooled.flatten(1))))
+    def _pool(self, x: torch.Tensor, mesh: SpatialMesh | None) -> torch.Tensor:
+        return F.adaptive_max_pool2d(x, 1) if mesh is None else global_max_pool2d(x, mesh)
 
 
 class GatedAttentionHead(SlideHead):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from halo.errors import HaloNotSupportedError
-from halo.exchange import HaloSpec, exchange_halo
+from halo.exchange import HaloSpec, adjoint, assemble, exchange_halo, halo_strips
 from halo.geometry import conv_output_size
 from halo.mesh import SpatialMesh
 from halo.nn._window import check_block, halo_op, is_replicated, mark_replicated, pair, window_spec
@@ -31,6 +31,35 @@ def _check_ceil_mode(name: str, what: str, kernel, stride, padding, dilation=1) 
                     f"{name} ({what}): ceil_mode=True changes the output size for kernel {k}, stride {s}, "
                     f"padding {p}; use ceil_mode=False"
                 )
+
+
+class _HaloMaxPool2dFn(torch.autograd.Function):
+    """Max pooling with halos that keeps the block and thin strips, not an extended copy.
+
+    Plain ``max_pool2d`` would save the halo-extended input although the block itself is
+    already saved by the layer before; backward rebuilds the extended block instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, spec: HaloSpec, kernel, stride, dilation, mesh: SpatialMesh):  # type: ignore[override]
+        rows, cols = halo_strips(x, spec, mesh)
+        out, indices = F.max_pool2d(assemble(x, rows, cols, spec), kernel, stride, 0, dilation, False, True)
+        ctx.save_for_backward(x, indices, *rows, *cols)
+        ctx.conf = (spec, kernel, stride, dilation, mesh)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, indices, top, bottom, left, right = ctx.saved_tensors
+        spec, kernel, stride, dilation, mesh = ctx.conf
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        ext = assemble(x, (top, bottom), (left, right), spec)
+        g_ext = torch.ops.aten.max_pool2d_with_indices_backward(
+            g.contiguous(), ext, pair(kernel), list(stride), [0, 0], pair(dilation), False, indices
+        )
+        del ext
+        return adjoint(g_ext, spec, x.shape, mesh), None, None, None, None, None
 
 
 class HaloMaxPool2d(nn.MaxPool2d):
@@ -55,8 +84,7 @@ class HaloMaxPool2d(nn.MaxPool2d):
         if is_replicated(x):
             return mark_replicated(super().forward(x))
         check_block(x, self.halo_spec, self.halo_stride, self.halo_name, "MaxPool2d")
-        ext = exchange_halo(x, self.mesh, self.halo_spec)
-        return F.max_pool2d(ext, self.kernel_size, self.halo_stride, 0, self.dilation, False)
+        return _HaloMaxPool2dFn.apply(x, self.halo_spec, self.kernel_size, self.halo_stride, self.dilation, self.mesh)
 
 
 class HaloAvgPool2d(nn.AvgPool2d):

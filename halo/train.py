@@ -77,6 +77,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     from launch.env import init_distributed, shutdown
     from launch.failure import guard
 
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:  # requeued by SLURM: continue, do not restart
+        cfg.train.resume = True
     env = init_distributed(backend=cfg.dist.backend, timeout_s=float(cfg.dist.timeout_s))
     with guard(env):  # a failing rank ends the whole job, naming itself; nothing hangs
         summary = run(cfg, env=env)

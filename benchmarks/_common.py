@@ -1,0 +1,234 @@
+"""Shared plumbing of the benchmarks: spawned gloo ranks, one measured training step, RESULTS.md.
+
+Every figure in ``benchmarks/RESULTS.md`` comes from a script here; each script replaces
+its own section (between ``<!-- name:begin -->`` and ``<!-- name:end -->``) with the
+command that regenerated it, the date and the machine.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import multiprocessing as mp
+import os
+import platform
+import queue
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+__all__ = ["run_ranks", "machine", "write_section", "measure_step", "timed_steps", "RESULTS", "count_sends"]
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+_HEADER = (
+    "# halo benchmarks: measured figures\n\n"
+    "Each section is written by the script named in it (`python benchmarks/NAME.py`; `--quick` is the CI mode "
+    "and does not write here). Ratios are measured within one run: the machine is shared and noisy.\n"
+)
+
+
+def _worker(fn: Callable[..., Any], rank: int, world: int, store: str, threads: int, args: tuple, out) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=600))
+        out.put((rank, True, fn(*args)))
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        out.put((rank, False, traceback.format_exc()))
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, timeout: float = 1800) -> list[Any]:
+    """Run ``fn(*args)`` on ``world`` fresh spawned gloo ranks; their results in rank order.
+
+    ``fn`` must live at module level of an importable module. Fresh processes keep
+    peak-RSS figures of one configuration apart from the next.
+    """
+    ctx = mp.get_context("spawn")
+    fd, store = tempfile.mkstemp(prefix="halo-bench-")
+    os.close(fd)
+    os.unlink(store)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world, store, threads, args, out), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        while len(results) < world:
+            try:
+                rank, ok, value = out.get(timeout=timeout)
+            except queue.Empty:
+                raise RuntimeError(f"{fn.__name__} did not finish within {timeout} s") from None
+            if not ok:
+                raise RuntimeError(f"{fn.__name__} failed on rank {rank}:\n{value}")
+            results[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world)]
+
+
+def machine() -> str:
+    """CPU model, core count, OS, Python and torch versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+            f"python {platform.python_version()}, torch {torch.__version__}")
+
+
+def write_section(name: str, body: str, argv: list[str] | None = None) -> None:
+    """Replace (or append) section ``name`` of RESULTS.md with ``body`` plus command, date and machine."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python", f"benchmarks/{name}.py", *argv])
+    stamp = _dt.datetime.now().isoformat(timespec="seconds")
+    block = (f"<!-- {name}:begin -->\n{body.rstrip()}\n\nRegenerate: `{command}`  \n"
+             f"Ran {stamp} on: {machine()}\n<!-- {name}:end -->\n")
+    text = RESULTS.read_text() if RESULTS.exists() else _HEADER
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block
+    RESULTS.write_text(text)
+
+
+def count_sends():
+    """Patch ``torch.distributed.batch_isend_irecv`` to count bytes this rank sends; returns (counter, undo)."""
+    import torch.distributed as dist
+
+    real = dist.batch_isend_irecv
+    sent = [0]
+
+    def counting(ops):
+        sent[0] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+        return real(ops)
+
+    dist.batch_isend_irecv = counting
+
+    def undo() -> None:
+        dist.batch_isend_irecv = real
+
+    return sent, undo
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _setup(name: str, rows: int, cols: int, h: int, w: int, batch: int, sharded: bool, dtype: str = "float32"):
+    import torch
+    import torchvision
+
+    import halo
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=2).to(getattr(torch, dtype))
+    image = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1)).to(getattr(torch, dtype))
+    if not sharded:
+        return model, image, None
+    mesh = halo.SpatialMesh(rows, cols)
+    return halo.parallelize(model, mesh), halo.scatter(image, mesh), mesh
+
+
+def measure_step(name: str, rows: int, cols: int, h: int, w: int, batch: int, sharded: bool = True) -> dict[str, int]:
+    """One training step on this rank: saved bytes, bytes sent, peak RSS increase.
+
+    ``sharded=False`` runs plain torch on the whole image (the one-process reference).
+    """
+    import torch
+
+    from halo.plan import measure_saved_bytes
+
+    model, x, _ = _setup(name, rows, cols, h, w, batch, sharded)
+    exclude = list(model.parameters()) + list(model.buffers())
+    sent, undo = count_sends()
+    before = _rss()
+    out: list[torch.Tensor] = []
+    try:
+        saved = measure_saved_bytes(lambda: out.append(model(x)) or out[0], exclude)
+        out.pop().sum().backward()
+    finally:
+        undo()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"saved": saved, "sent": sent[0], "rss": max(peak - before, 0)}
+
+
+class _TimedWork:
+    """A p2p request whose ``wait`` adds its blocking time to a counter."""
+
+    def __init__(self, work, clock: list[float]) -> None:
+        self.work, self.clock = work, clock
+
+    def wait(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return self.work.wait(*args)
+        finally:
+            self.clock[0] += time.perf_counter() - t0
+
+
+def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, steps: int, sharded: bool = True,
+                overlap: bool | None = None) -> dict[str, float]:
+    """Median seconds of a training step (forward, backward) after one warm-up, slowest rank.
+
+    Also the median seconds this rank spends blocked in halo p2p waits (``wait``), and
+    posting them (``post``), per step. ``overlap`` sets ``HaloConv2d.overlap`` where the
+    layer has it.
+    """
+    import torch
+    import torch.distributed as dist
+
+    model, x, _ = _setup(name, rows, cols, h, w, batch, sharded)
+    if overlap is not None:
+        for m in model.modules():
+            if hasattr(m, "overlap"):
+                m.overlap = overlap
+    real = dist.batch_isend_irecv
+    wait, post = [0.0], [0.0]
+
+    def timed(ops):
+        t0 = time.perf_counter()
+        works = real(ops)
+        post[0] += time.perf_counter() - t0
+        return [_TimedWork(wk, wait) for wk in works]
+
+    dist.batch_isend_irecv = timed
+    times, waits, posts = [], [], []
+    try:
+        for i in range(steps + 1):
+            dist.barrier()
+            wait[0] = post[0] = 0.0
+            t0 = time.perf_counter()
+            model(x).sum().backward()
+            model.zero_grad(set_to_none=True)
+            t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if i:
+                times.append(t.item())
+                waits.append(wait[0])
+                posts.append(post[0])
+    finally:
+        dist.batch_isend_irecv = real
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {"step": med(times), "wait": med(waits), "post": med(posts)}

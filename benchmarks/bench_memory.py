@@ -1,0 +1,89 @@
+"""Benchmark 1: activation memory per rank against one process, and halo-plan's prediction.
+
+For each model, image size and mesh, one training step runs on fresh spawned gloo ranks
+(one thread each). Figures per rank: bytes autograd saves for backward (storages counted
+once, parameters and buffers excluded; ``halo.plan.measure_saved_bytes``), the planner's
+prediction of the same, and the peak-RSS increase during the step. The one-process
+reference is plain torch on the whole image. The halo overhead is
+``saved per rank x P / saved by one process`` (goal: within 1.10).
+
+Usage::
+
+    python benchmarks/bench_memory.py            # resnet18 + resnet50, 256 and 512, writes RESULTS.md
+    python benchmarks/bench_memory.py --quick    # resnet18 at 64 x 64 on 1x2, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import measure_step, run_ranks, write_section  # noqa: E402
+
+__all__ = ["main", "MESHES"]
+
+MESHES = [(1, 1), (1, 2), (2, 1), (2, 2)]
+MB = 1e6
+
+
+def rows_for(name: str, size: int, batch: int, meshes: list[tuple[int, int]] = MESHES) -> list[dict]:
+    """Measured and predicted figures for one model and square image size, every mesh."""
+    from halo.plan import plan
+
+    ref = run_ranks(measure_step, 1, name, 1, 1, size, size, batch, False)[0]
+    pred_ref = plan(name, (size, size), batch=batch, halo_layers=False).activation_bytes_per_rank
+    out = [{"model": name, "size": size, "mesh": "one process", "P": 1, "saved": ref["saved"], "pred": pred_ref,
+            "rss": ref["rss"], "ratio": 1.0, "rss_ratio": 1.0}]
+    for rows, cols in meshes:
+        res = run_ranks(measure_step, rows * cols, name, rows, cols, size, size, batch)
+        p = rows * cols
+        saved = statistics.mean(r["saved"] for r in res)
+        rss = statistics.mean(r["rss"] for r in res)
+        pred = plan(name, (size, size), (rows, cols), batch=batch).activation_bytes_per_rank
+        out.append({"model": name, "size": size, "mesh": f"{rows}x{cols}", "P": p, "saved": saved, "pred": pred,
+                    "rss": rss, "ratio": saved * p / ref["saved"], "rss_ratio": rss * p / max(ref["rss"], 1)})
+        print(f"{name} {size} {rows}x{cols}: saved/rank {saved / MB:.1f} MB, x P / one process {out[-1]['ratio']:.3f}",
+              flush=True)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | image | mesh | saved MB / rank | halo-plan MB | plan / measured | saved x P / one process "
+             "| peak RSS increase MB / rank | RSS x P / one process |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['size']}x{r['size']} | {r['mesh']} | {r['saved'] / MB:.1f} | "
+                     f"{r['pred'] / MB:.1f} | {r['pred'] / r['saved']:.3f} | {r['ratio']:.3f} | {r['rss'] / MB:.0f} | "
+                     f"{r['rss_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark; returns the table rows."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes for CI; prints, does not write RESULTS.md")
+    ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
+    ap.add_argument("--batch", type=int, default=1)
+    a = ap.parse_args(argv)
+    models, sizes = (["resnet18"], [64]) if a.quick else (a.models, a.sizes)
+    meshes = [(1, 2)] if a.quick else MESHES
+    rows = [r for m in models for s in sizes for r in rows_for(m, s, a.batch, meshes)]
+    text = table(rows)
+    print(text)
+    if not a.quick:
+        body = ("## 1. Activation memory per rank\n\nOne training step (batch "
+                f"{a.batch}, float32, one thread per rank). *Saved* is what autograd keeps for backward "
+                "(`saved_tensors_hooks`, each storage once, parameters excluded); *halo-plan* is "
+                "`halo.plan.plan(...).activation_bytes_per_rank`; the overhead column is saved per rank x P over "
+                "plain torch in one process (goal <= 1.10). Peak RSS increase is `ru_maxrss` after the step minus "
+                "RSS before it (includes gradients, workspace and allocator slack).\n\n" + text)
+        write_section("bench_memory", body, argv if argv is not None else sys.argv[1:])
+    return rows
+
+
+if __name__ == "__main__":
+    main()

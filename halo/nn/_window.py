@@ -21,6 +21,7 @@ __all__ = [
     "mark_replicated",
     "halo_op",
     "in_halo_op",
+    "split_local",
 ]
 
 # Outputs of global pooling are the same on every rank of an image; later spatial ops on
@@ -133,3 +134,23 @@ def halo_op(forward):
             _IN_HALO_OP.reset(token)
 
     return wrapper
+
+
+def split_local(spec: HaloSpec, mesh) -> tuple[HaloSpec, tuple[int, int]]:
+    """Leave the dims that are not sharded to the op's own padding.
+
+    Along a mesh axis of size 1 the block is the whole image there: the op pads that dim
+    itself (``padding = before``; a same-style op never needs more after than before), so
+    nothing is exchanged, concatenated or filled. Returns the spec still to exchange and
+    the native ``(pad_h, pad_w)``.
+    """
+    local_h = mesh.rows == 1 and spec.bottom <= spec.top
+    local_w = mesh.cols == 1 and spec.right <= spec.left
+    exchange = HaloSpec(
+        top=0 if local_h else spec.top,
+        bottom=0 if local_h else spec.bottom,
+        left=0 if local_w else spec.left,
+        right=0 if local_w else spec.right,
+        fill=spec.fill,
+    )
+    return exchange, (spec.top if local_h else 0, spec.left if local_w else 0)

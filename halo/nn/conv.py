@@ -17,7 +17,7 @@ from halo.errors import HaloNotSupportedError
 from halo.exchange import HaloSpec, adjoint, assemble, halo_strips
 from halo.mesh import SpatialMesh
 from halo.nn.module import adopt
-from halo.nn._window import check_block, halo_op, is_replicated, mark_replicated, pair, window_spec
+from halo.nn._window import check_block, halo_op, is_replicated, mark_replicated, pair, split_local, window_spec
 
 __all__ = ["HaloConv2d", "halo_conv2d"]
 
@@ -32,29 +32,29 @@ def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
 
 class _HaloConv2dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, spec: HaloSpec, stride, dilation, groups, mesh: SpatialMesh):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, spec: HaloSpec, padding, stride, dilation, groups, mesh: SpatialMesh):  # type: ignore[override]
         x, weight, bias = _autocast(x, weight, bias)
         (top, bottom), (left, right) = halo_strips(x, spec, mesh)  # 1
         ext = assemble(x, (top, bottom), (left, right), spec)  # 2
-        y = F.conv2d(ext, weight, bias, stride, 0, dilation, groups)  # 3
+        y = F.conv2d(ext, weight, bias, stride, padding, dilation, groups)  # 3
         ctx.save_for_backward(x, weight, top, bottom, left, right)  # 4
-        ctx.conf = (spec, stride, dilation, groups, mesh, bias is not None)
+        ctx.conf = (spec, padding, stride, dilation, groups, mesh, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         x, weight, top, bottom, left, right = ctx.saved_tensors
-        spec, stride, dilation, groups, mesh, has_bias = ctx.conf
+        spec, padding, stride, dilation, groups, mesh, has_bias = ctx.conf
         ext = assemble(x, (top, bottom), (left, right), spec)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gi, gw, gb = torch.ops.aten.convolution_backward(
             g.contiguous(), ext, weight, [weight.shape[0]] if has_bias else None,
-            list(stride), [0, 0], list(dilation), False, [0, 0], groups,
+            list(stride), list(padding), list(dilation), False, [0, 0], groups,
             [need_x, need_w, need_b and has_bias],
         )
         del ext
         gx = adjoint(gi, spec, x.shape, mesh) if need_x else None
-        return gx, gw, gb if has_bias else None, None, None, None, None, None
+        return gx, gw, gb if has_bias else None, None, None, None, None, None, None
 
 
 def halo_conv2d(
@@ -66,9 +66,14 @@ def halo_conv2d(
     stride: tuple[int, int],
     dilation: tuple[int, int],
     groups: int,
+    padding: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
-    """Convolution of a local block with halo exchange; ``spec`` from :func:`window_spec`."""
-    return _HaloConv2dFn.apply(x, weight, bias, spec, stride, dilation, groups, mesh)
+    """Convolution of a local block with halo exchange; ``spec`` from :func:`window_spec`.
+
+    ``padding`` is applied by the convolution itself, on dims that are not sharded
+    (see :func:`halo.nn._window.split_local`).
+    """
+    return _HaloConv2dFn.apply(x, weight, bias, spec, padding, stride, dilation, groups, mesh)
 
 
 class HaloConv2d(nn.Conv2d):
@@ -92,6 +97,7 @@ class HaloConv2d(nn.Conv2d):
             )
         new = adopt(cls, module, mesh, name)
         new.halo_spec = window_spec(name, "Conv2d", module.kernel_size, module.stride, module.padding, module.dilation)
+        new.halo_exchange, new.halo_padding = split_local(new.halo_spec, mesh)
         return new
 
     @halo_op
@@ -100,5 +106,6 @@ class HaloConv2d(nn.Conv2d):
             return mark_replicated(super().forward(x))
         check_block(x, self.halo_spec, self.stride, self.halo_name, "Conv2d")
         return halo_conv2d(
-            x, self.weight, self.bias, self.mesh, self.halo_spec, pair(self.stride), pair(self.dilation), self.groups
+            x, self.weight, self.bias, self.mesh, self.halo_exchange, pair(self.stride), pair(self.dilation),
+            self.groups, self.halo_padding,
         )

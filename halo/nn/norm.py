@@ -4,7 +4,8 @@ Statistics are reduced over every rank of the mesh (all blocks of all images in 
 data group), exactly as one device computes them over the full ``(N, C, H, W)`` batch.
 Forward: local mean and variance, one all-gather of ``(count, mean, var)`` per layer,
 combined with Chan's parallel formula (no catastrophic cancellation). Backward: one
-all-reduce of ``(sum dy, sum dy * (x - mean))``. Parameter gradients stay local, so
+all-reduce of ``(sum dy, sum dy * xhat)``. The element-wise work runs in torch's fused
+batch-norm kernels. Parameter gradients stay local, so
 averaging them over ranks gives the one-device gradient. Eval mode is purely local.
 """
 
@@ -33,7 +34,7 @@ def _view(v: torch.Tensor) -> torch.Tensor:
 def sync_batch_stats(x: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean, biased variance and element count per channel over all ranks of ``group``."""
     channels = x.shape[1]
-    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # fused, biased variance
     count = torch.full((1,), x.numel() // channels, dtype=mean.dtype, device=x.device)
     local = torch.cat([count, mean, var])
     world = dist.get_world_size(group)
@@ -48,37 +49,44 @@ def sync_batch_stats(x: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
+    """Batch norm with global statistics, on torch's fused eval-mode kernels.
+
+    Forward normalises with the global (mean, var) through ``torch.batch_norm`` in eval
+    mode (one fused pass). Backward gets ``dx_eval = w * invstd * dy``, ``sum(dy * xhat)`` and
+    ``sum(dy)`` from one fused ``native_batch_norm_backward`` pass, all-reduces the two sums,
+    and adds the training-mode terms as one affine map of ``x`` per channel:
+    ``dx = dx_eval - w * invstd * (mean(dy) + xhat * mean(dy * xhat))``.
+    """
+
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, group):  # type: ignore[override]
         mean, var, total = sync_batch_stats(x, group)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight
-        shift = -mean * scale if bias is None else bias - mean * scale
-        y = x * _view(scale) + _view(shift)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.total, ctx.group = total, group
+        y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.total, ctx.group, ctx.eps = total, group, eps
         stats = mean.detach(), var.detach(), total.detach()
         ctx.mark_non_differentiable(*stats)
         return (y, *stats)
 
     @staticmethod
     def backward(ctx, gy, _gmean, _gvar, _gtotal):  # type: ignore[override]
-        x, weight, mean, invstd = ctx.saved_tensors
-        xmu = x - _view(mean)
-        sum_dy = gy.sum((0, 2, 3))
-        sum_dy_xmu = (gy * xmu).sum((0, 2, 3))
-        gw = sum_dy_xmu * invstd if weight is not None and ctx.needs_input_grad[1] else None
-        gb = sum_dy if ctx.needs_input_grad[2] else None
-        gx = None
-        if ctx.needs_input_grad[0]:
-            sums = torch.cat([sum_dy, sum_dy_xmu])
-            dist.all_reduce(sums, group=ctx.group)
-            n = ctx.total
-            mean_dy, mean_dy_xmu = sums.chunk(2)
-            mean_dy, mean_dy_xmu = mean_dy / n, mean_dy_xmu / n
-            w = invstd if weight is None else invstd * weight
-            gx = (gy - _view(mean_dy) - xmu * _view(invstd * invstd * mean_dy_xmu)) * _view(w)
-        return gx, gw, gb, None, None
+        x, weight, mean, var = ctx.saved_tensors
+        w = weight if weight is not None else torch.ones_like(mean)
+        gx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            gy.contiguous(), x, w, mean, var, None, None, False, ctx.eps, [True, True, True]
+        )
+        gw = sum_dy_xhat.clone() if weight is not None and ctx.needs_input_grad[1] else None
+        gb = sum_dy.clone() if ctx.needs_input_grad[2] else None
+        if not ctx.needs_input_grad[0]:
+            return None, gw, gb, None, None
+        sums = torch.cat([sum_dy, sum_dy_xhat])
+        dist.all_reduce(sums, group=ctx.group)
+        mean_dy, mean_dy_xhat = (sums / ctx.total).chunk(2)
+        invstd = torch.rsqrt(var + ctx.eps)
+        scale = w * invstd  # dx = dx_eval + slope * x + offset, per channel
+        slope = -scale * invstd * mean_dy_xhat
+        offset = scale * (invstd * mean * mean_dy_xhat - mean_dy)
+        return gx.addcmul_(x, _view(slope)).add_(_view(offset)), gw, gb, None, None
 
 
 class HaloBatchNorm2d(nn.BatchNorm2d):

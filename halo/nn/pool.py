@@ -16,7 +16,7 @@ from halo.errors import HaloNotSupportedError
 from halo.exchange import HaloSpec, adjoint, assemble, exchange_halo, halo_strips
 from halo.geometry import conv_output_size
 from halo.mesh import SpatialMesh
-from halo.nn._window import check_block, halo_op, is_replicated, mark_replicated, pair, window_spec
+from halo.nn._window import check_block, halo_op, is_replicated, mark_replicated, pair, split_local, window_spec
 from halo.nn.module import adopt
 
 __all__ = ["HaloMaxPool2d", "HaloAvgPool2d"]
@@ -41,25 +41,25 @@ class _HaloMaxPool2dFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, spec: HaloSpec, kernel, stride, dilation, mesh: SpatialMesh):  # type: ignore[override]
+    def forward(ctx, x, spec: HaloSpec, padding, kernel, stride, dilation, mesh: SpatialMesh):  # type: ignore[override]
         rows, cols = halo_strips(x, spec, mesh)
-        out, indices = F.max_pool2d(assemble(x, rows, cols, spec), kernel, stride, 0, dilation, False, True)
+        out, indices = F.max_pool2d(assemble(x, rows, cols, spec), kernel, stride, padding, dilation, False, True)
         ctx.save_for_backward(x, indices, *rows, *cols)
-        ctx.conf = (spec, kernel, stride, dilation, mesh)
+        ctx.conf = (spec, padding, kernel, stride, dilation, mesh)
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         x, indices, top, bottom, left, right = ctx.saved_tensors
-        spec, kernel, stride, dilation, mesh = ctx.conf
+        spec, padding, kernel, stride, dilation, mesh = ctx.conf
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         ext = assemble(x, (top, bottom), (left, right), spec)
         g_ext = torch.ops.aten.max_pool2d_with_indices_backward(
-            g.contiguous(), ext, pair(kernel), list(stride), [0, 0], pair(dilation), False, indices
+            g.contiguous(), ext, pair(kernel), list(stride), list(padding), pair(dilation), False, indices
         )
         del ext
-        return adjoint(g_ext, spec, x.shape, mesh), None, None, None, None, None
+        return adjoint(g_ext, spec, x.shape, mesh), None, None, None, None, None, None
 
 
 class HaloMaxPool2d(nn.MaxPool2d):
@@ -77,6 +77,7 @@ class HaloMaxPool2d(nn.MaxPool2d):
             name, "MaxPool2d", module.kernel_size, stride, module.padding, module.dilation, fill=-math.inf
         )
         new.halo_stride = pair(stride)
+        new.halo_exchange, new.halo_padding = split_local(new.halo_spec, mesh)
         return new
 
     @halo_op
@@ -84,7 +85,8 @@ class HaloMaxPool2d(nn.MaxPool2d):
         if is_replicated(x):
             return mark_replicated(super().forward(x))
         check_block(x, self.halo_spec, self.halo_stride, self.halo_name, "MaxPool2d")
-        return _HaloMaxPool2dFn.apply(x, self.halo_spec, self.kernel_size, self.halo_stride, self.dilation, self.mesh)
+        return _HaloMaxPool2dFn.apply(x, self.halo_exchange, self.halo_padding, self.kernel_size, self.halo_stride,
+                                      self.dilation, self.mesh)
 
 
 class HaloAvgPool2d(nn.AvgPool2d):
@@ -121,6 +123,8 @@ class HaloAvgPool2d(nn.AvgPool2d):
         if is_replicated(x):
             return mark_replicated(super().forward(x))
         check_block(x, self.halo_spec, self.halo_stride, self.halo_name, "AvgPool2d")
+        if self.mesh.size == 1:  # the block is the image: torch's own padding and divisors
+            return super().forward(x)
         ext = exchange_halo(x, self.mesh, self.halo_spec)
         if self.count_include_pad or self.divisor_override is not None or self.halo_spec.is_empty:
             return F.avg_pool2d(ext, self.kernel_size, self.halo_stride, 0, False, True, self.divisor_override)

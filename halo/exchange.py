@@ -15,10 +15,12 @@ contiguous buffers; nothing synchronises with the host.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from halo.mesh import SpatialMesh
 
@@ -69,46 +71,59 @@ def _strip_shape(x: torch.Tensor, dim: int, width: int) -> list[int]:
     return shape
 
 
-def _exchange_dim(x: torch.Tensor, dim: int, before: int, after: int, fill: float, mesh: SpatialMesh) -> Strips:
-    """Receive the strips one dim needs: ``before`` rows from the previous rank, ``after`` from the next."""
+def _exchange_dim(
+    take: Callable[[int, int], torch.Tensor], shape: list[int], dim: int, before: int, after: int,
+    fill: float, mesh: SpatialMesh, like: torch.Tensor,
+) -> Strips:
+    """Receive the strips one dim needs: ``before`` rows from the previous rank, ``after`` from the next.
+
+    ``take(start, width)`` gives rows ``[start, start + width)`` of the (virtual) tensor of
+    ``shape`` along ``dim``, so the column phase sends only thin strips of the row-extended
+    block without building it.
+    """
     group, index, size = _axis(mesh, dim)
-    n = x.shape[dim]
+    n = shape[dim]
     ops: list[dist.P2POp] = []
     lo = hi = None
     if before > 0:
+        lo_shape = list(shape)
+        lo_shape[dim] = before
         if index > 0:
-            lo = torch.empty(_strip_shape(x, dim, before), dtype=x.dtype, device=x.device)
+            lo = torch.empty(lo_shape, dtype=like.dtype, device=like.device)
             ops.append(dist.P2POp(dist.irecv, lo, group=group, group_peer=index - 1))
         else:
-            lo = torch.full(_strip_shape(x, dim, before), fill, dtype=x.dtype, device=x.device)
+            lo = torch.full(lo_shape, fill, dtype=like.dtype, device=like.device)
         if index < size - 1:
-            ops.append(dist.P2POp(dist.isend, x.narrow(dim, n - before, before).contiguous(), group=group, group_peer=index + 1))
+            ops.append(dist.P2POp(dist.isend, take(n - before, before).contiguous(), group=group, group_peer=index + 1))
     if after > 0:
+        hi_shape = list(shape)
+        hi_shape[dim] = after
         if index < size - 1:
-            hi = torch.empty(_strip_shape(x, dim, after), dtype=x.dtype, device=x.device)
+            hi = torch.empty(hi_shape, dtype=like.dtype, device=like.device)
             ops.append(dist.P2POp(dist.irecv, hi, group=group, group_peer=index + 1))
         else:
-            hi = torch.full(_strip_shape(x, dim, after), fill, dtype=x.dtype, device=x.device)
+            hi = torch.full(hi_shape, fill, dtype=like.dtype, device=like.device)
         if index > 0:
-            ops.append(dist.P2POp(dist.isend, x.narrow(dim, 0, after).contiguous(), group=group, group_peer=index - 1))
+            ops.append(dist.P2POp(dist.isend, take(0, after).contiguous(), group=group, group_peer=index - 1))
     _run(ops)
     return lo, hi
 
 
-def _assemble_dim(x: torch.Tensor, dim: int, strips: Strips, after: int) -> torch.Tensor:
-    lo, hi = strips
-    if after < 0:
-        x = x.narrow(dim, 0, x.shape[dim] + after)
-    parts = [t for t in (lo, x, hi) if t is not None]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+def _row_extended_cols(x: torch.Tensor, rows: Strips, bottom: int, start: int, width: int) -> torch.Tensor:
+    """Columns ``[start, start + width)`` of the row-extended block, without building it."""
+    top_strip, bottom_strip = rows
+    kept = x.shape[-2] + min(bottom, 0)
+    parts = [t.narrow(-1, start, width) for t in (top_strip, x.narrow(-2, 0, kept), bottom_strip) if t is not None]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
-def _adjoint_dim(g: torch.Tensor, dim: int, before: int, after: int, n: int, mesh: SpatialMesh) -> torch.Tensor:
-    """Adjoint of :func:`_exchange_dim` followed by :func:`_assemble_dim`: length back to ``n``."""
+def _adjoint_dim(g: torch.Tensor, dim: int, before: int, after: int, n: int, mesh: SpatialMesh) -> tuple[torch.Tensor, Strips]:
+    """Send the halo strips of ``g`` back to their owners; the kept view and what came back.
+
+    Returns the view of ``g`` over the local rows (length ``n + min(after, 0)``) and the
+    gradients received for this block's last ``before`` and first ``after`` rows.
+    """
     group, index, size = _axis(mesh, dim)
-    kept = n + min(after, 0)
-    out = torch.zeros(_strip_shape(g, dim, n), dtype=g.dtype, device=g.device)
-    out.narrow(dim, 0, kept).copy_(g.narrow(dim, before, kept))
     ops: list[dist.P2POp] = []
     from_next = from_prev = None
     if before > 0:
@@ -124,11 +139,15 @@ def _adjoint_dim(g: torch.Tensor, dim: int, before: int, after: int, n: int, mes
             from_prev = torch.empty(_strip_shape(g, dim, after), dtype=g.dtype, device=g.device)
             ops.append(dist.P2POp(dist.irecv, from_prev, group=group, group_peer=index - 1))
     _run(ops)
+    return g.narrow(dim, before, n + min(after, 0)), (from_next, from_prev)
+
+
+def _add_received(out: torch.Tensor, dim: int, n: int, before: int, after: int, received: Strips) -> None:
+    from_next, from_prev = received
     if from_next is not None:
         out.narrow(dim, n - before, before).add_(from_next)
     if from_prev is not None:
         out.narrow(dim, 0, after).add_(from_prev)
-    return out
 
 
 def halo_strips(x: torch.Tensor, spec: HaloSpec, mesh: SpatialMesh) -> tuple[Strips, Strips]:
@@ -137,22 +156,60 @@ def halo_strips(x: torch.Tensor, spec: HaloSpec, mesh: SpatialMesh) -> tuple[Str
     Returns ``((top, bottom), (left, right))``; the column strips already include the
     corner pixels. Not differentiable: see :func:`exchange_halo`.
     """
-    rows = _exchange_dim(x, -2, spec.top, spec.bottom, spec.fill, mesh)
-    xr = _assemble_dim(x, -2, rows, spec.bottom)
-    cols = _exchange_dim(xr, -1, spec.left, spec.right, spec.fill, mesh)
+    shape = list(x.shape)
+    rows = _exchange_dim(lambda a, b: x.narrow(-2, a, b), shape, -2, spec.top, spec.bottom, spec.fill, mesh, x)
+    shape[-2] = spec.top + x.shape[-2] + spec.bottom
+    cols = _exchange_dim(lambda a, b: _row_extended_cols(x, rows, spec.bottom, a, b), shape, -1,
+                         spec.left, spec.right, spec.fill, mesh, x)
     return rows, cols
 
 
 def assemble(x: torch.Tensor, rows: Strips, cols: Strips, spec: HaloSpec) -> torch.Tensor:
-    """The halo-extended block from the local block and its received strips."""
-    return _assemble_dim(_assemble_dim(x, -2, rows, spec.bottom), -1, cols, spec.right)
+    """The halo-extended block from the local block and its received strips (one copy)."""
+    if spec.is_empty:
+        return x
+    h, w = x.shape[-2:]
+    kh, kw = h + min(spec.bottom, 0), w + min(spec.right, 0)
+    height = spec.top + kh + max(spec.bottom, 0)
+    out = x.new_empty(*x.shape[:-2], height, spec.left + kw + max(spec.right, 0))
+    body = out.narrow(-1, spec.left, kw)
+    body.narrow(-2, spec.top, kh).copy_(x.narrow(-2, 0, kh).narrow(-1, 0, kw))
+    top, bottom = rows
+    if top is not None:
+        body.narrow(-2, 0, spec.top).copy_(top.narrow(-1, 0, kw))
+    if bottom is not None:
+        body.narrow(-2, spec.top + kh, spec.bottom).copy_(bottom.narrow(-1, 0, kw))
+    left, right = cols
+    if left is not None:
+        out.narrow(-1, 0, spec.left).copy_(left)
+    if right is not None:
+        out.narrow(-1, spec.left + kw, spec.right).copy_(right)
+    return out
+
+
+def _local_part(kept: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """``kept`` grown back to length ``n`` along ``dim``: trimmed rows get zero gradient."""
+    missing = n - kept.shape[dim]
+    if missing == 0:
+        return kept
+    return F.pad(kept, (0, missing) if dim == -1 else (0, 0, 0, missing))
 
 
 def adjoint(g: torch.Tensor, spec: HaloSpec, shape: torch.Size, mesh: SpatialMesh) -> torch.Tensor:
-    """Gradient w.r.t. the local block from the gradient w.r.t. the halo-extended block."""
+    """Gradient w.r.t. the local block from the gradient w.r.t. the halo-extended block.
+
+    ``g`` may be modified in place (callers pass a gradient they own); one full copy is made.
+    """
+    if spec.is_empty:
+        return g
     h, w = shape[-2:]
-    g = _adjoint_dim(g, -1, spec.left, spec.right, w, mesh)
-    return _adjoint_dim(g, -2, spec.top, spec.bottom, h, mesh)
+    kept, received = _adjoint_dim(g, -1, spec.left, spec.right, w, mesh)
+    g_rows = _local_part(kept, -1, w)  # (..., rows of the extended block, w)
+    _add_received(g_rows, -1, w, spec.left, spec.right, received)
+    kept, received = _adjoint_dim(g_rows, -2, spec.top, spec.bottom, h, mesh)
+    out = _local_part(kept, -2, h).contiguous()
+    _add_received(out, -2, h, spec.top, spec.bottom, received)
+    return out
 
 
 class _HaloExchange(torch.autograd.Function):
@@ -164,7 +221,8 @@ class _HaloExchange(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        return adjoint(g.contiguous(), ctx.spec, ctx.shape, ctx.mesh), None, None
+        # adjoint() adds into g in place: take a copy, autograd may share g with other nodes
+        return adjoint(g.clone(memory_format=torch.contiguous_format), ctx.spec, ctx.shape, ctx.mesh), None, None
 
 
 def exchange_halo(x: torch.Tensor, mesh: SpatialMesh, spec: HaloSpec) -> torch.Tensor:

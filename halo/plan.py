@@ -35,7 +35,7 @@ from torch import nn
 
 from halo.exchange import HaloSpec
 from halo.geometry import padded_size
-from halo.nn._window import pair, window_spec
+from halo.nn._window import pair, split_local, window_spec
 
 __all__ = ["LayerPlan", "Plan", "plan", "plan_model", "measure_saved_bytes", "build_model", "main"]
 
@@ -177,6 +177,14 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
+@dataclass(frozen=True, slots=True)
+class _Grid:
+    """Mesh degrees only, as :func:`halo.nn._window.split_local` reads them."""
+
+    rows: int
+    cols: int
+
+
 def plan_model(
     model: nn.Module,
     *,
@@ -205,6 +213,7 @@ def plan_model(
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     rows, cols = mesh
+    grid = _Grid(rows, cols)
     if rows < 1 or cols < 1 or batch < 1 or min(image) < 1:
         raise ValueError(f"mesh, batch and image sizes must be positive, got mesh={mesh}, batch={batch}, image={image}")
     if not halo_layers and (rows, cols) != (1, 1):  # plain torch has no mesh
@@ -229,6 +238,10 @@ def plan_model(
     for r in records:
         m, ins, outs = r.module, scale(r.ins[1]), scale(r.out[1])
         spec = _halo(m, r.name) if halo_layers else None
+        if spec is not None and isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+            spec = split_local(spec, grid)[0]  # unsharded dims use the op's own padding
+        elif spec is not None and rows * cols == 1:  # average pooling on one rank is plain torch
+            spec = None
         if spec is not None and spec.is_empty:
             spec = None
         fresh = 0  # bytes of tensors only this layer saves

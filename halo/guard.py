@@ -128,9 +128,24 @@ class ShardingGuard(TorchFunctionMode):
         if name in _ELEMENTWISE_RANDOM:
             raise self._refuse(name, x, "draws element-wise random numbers that differ from one device's "
                                         "(use Dropout2d, which draws per channel)")
+        if name == "__getitem__" and not self._index_keeps_spatial(args[1] if len(args) > 1 else None):
+            raise self._refuse("indexing", x, "selects along the spatial dims of the block (a crop or a pixel "
+                                              "differs between the block and the image)")
         if name in _RESHAPES:
             return None if self._keeps_spatial(name, x, args, kwargs) else self._raise_reshape(name, x)
         return None
+
+    @staticmethod
+    def _index_keeps_spatial(index: Any) -> bool:
+        """Whether ``x[index]`` leaves dims 2 and 3 of a 4-D block whole."""
+        items = list(index) if isinstance(index, tuple) else [index]
+        if any(i is None for i in items):
+            return False  # new axes shift the dims
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            items = items[:at] + [slice(None)] * (4 - len(items) + 1) + items[at + 1 :]
+        items += [slice(None)] * (4 - len(items))
+        return all(isinstance(i, slice) and i == slice(None) for i in items[2:4])
 
     def _keeps_spatial(self, name: str, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
         if name in ("flatten", "unflatten"):

@@ -51,6 +51,16 @@ class SpatialMax(nn.Module):
         return self.conv(x).max(dim=3).values
 
 
+class Crop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y[:, :2, ...][..., 1:-1, :].mean((2, 3))
+
+
 class ElementDropout(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -85,6 +95,7 @@ def errors_on_ranks() -> list[str]:
         (FlattenBlock(), "calls flatten"),
         (SpatialMax(), "calls max"),
         (ElementDropout(), "calls dropout"),
+        (Crop(), "calls indexing"),
     ]:
         model = halo.parallelize(bad, mesh)
         messages.append(_expect(lambda: model(torch.randn(1, 3, 8, 4)), HaloNotSupportedError, needle))

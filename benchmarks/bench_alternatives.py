@@ -104,7 +104,6 @@ def checkpointed_step(name: str, size: int, steps: int, checkpoint: bool) -> dic
     """Plain torch in one process, residual blocks optionally checkpointed: median step, peak RSS increase."""
     import resource
 
-    import torch
     from torch.utils.checkpoint import checkpoint as ckpt
 
     model, x, _ = _setup(name, 1, 1, size, size, 1, False)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             print(f"{label} checkpointing={ckpt}: largest square image {side} x {side}", flush=True)
     base = {r["ckpt"]: r["side"] for r in rows if r["setup"] == "one process"}
-    lines = [f"| setup | checkpointing | largest square image | pixels x one process (same checkpointing) | "
+    lines = ["| setup | checkpointing | largest square image | pixels x one process (same checkpointing) | "
              "planned MB / rank | measured MB / rank |", "|---|---|---|---|---|---|"]
     for r in rows:
         ratio = (r["side"] / base[r["ckpt"]]) ** 2 if base.get(r["ckpt"]) else float("nan")

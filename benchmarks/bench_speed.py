@@ -60,7 +60,7 @@ def measure(name: str, size: int, meshes: list[tuple[int, int]], steps: int, bat
 
 
 def table(name: str, rows: list[dict]) -> str:
-    lines = [f"| model | image | mesh | P | overlap | step s | efficiency t1/(P tP) | halo wait s / step | "
+    lines = ["| model | image | mesh | P | overlap | step s | efficiency t1/(P tP) | halo wait s / step | "
              "halo post s / step |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {name} | {r['size']}x{r['size']} | {r['mesh']} | {r['P']} | {r['overlap']} | {r['step']:.3f} | "

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -50,14 +52,23 @@ class HaloSpec:
         return self.top == self.bottom == self.left == self.right == 0
 
 
+T = TypeVar("T")
+
 # (strip before, strip after) along one dim; None where the strip has zero width.
 Strips = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
+def _start(ops: list[dist.P2POp]) -> list:
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _wait(works: list) -> None:
+    for work in works:
+        work.wait()
+
+
 def _run(ops: list[dist.P2POp]) -> None:
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+    _wait(_start(ops))
 
 
 def _axis(mesh: SpatialMesh, dim: int) -> tuple[dist.ProcessGroup, int, int]:
@@ -74,8 +85,9 @@ def _strip_shape(x: torch.Tensor, dim: int, width: int) -> list[int]:
 def _exchange_dim(
     take: Callable[[int, int], torch.Tensor], shape: list[int], dim: int, before: int, after: int,
     fill: float, mesh: SpatialMesh, like: torch.Tensor,
-) -> Strips:
-    """Receive the strips one dim needs: ``before`` rows from the previous rank, ``after`` from the next.
+) -> tuple[Strips, list[dist.P2POp]]:
+    """The strips one dim needs (``before`` rows from the previous rank, ``after`` from the
+    next) and the P2P ops that fill them: run the ops before reading the strips.
 
     ``take(start, width)`` gives rows ``[start, start + width)`` of the (virtual) tensor of
     ``shape`` along ``dim``, so the column phase sends only thin strips of the row-extended
@@ -105,8 +117,7 @@ def _exchange_dim(
             hi = torch.full(hi_shape, fill, dtype=like.dtype, device=like.device)
         if index > 0:
             ops.append(dist.P2POp(dist.isend, take(0, after).contiguous(), group=group, group_peer=index - 1))
-    _run(ops)
-    return lo, hi
+    return (lo, hi), ops
 
 
 def _row_extended_cols(x: torch.Tensor, rows: Strips, bottom: int, start: int, width: int) -> torch.Tensor:
@@ -150,18 +161,25 @@ def _add_received(out: torch.Tensor, dim: int, n: int, before: int, after: int, 
         out.narrow(dim, 0, after).add_(from_prev)
 
 
-def halo_strips(x: torch.Tensor, spec: HaloSpec, mesh: SpatialMesh) -> tuple[Strips, Strips]:
+def halo_strips(
+    x: torch.Tensor, spec: HaloSpec, mesh: SpatialMesh, during: Callable[[], T] | None = None
+) -> tuple[Strips, Strips, T | None]:
     """Receive the row strips of ``x``, then the column strips of the row-extended block.
 
-    Returns ``((top, bottom), (left, right))``; the column strips already include the
-    corner pixels. Not differentiable: see :func:`exchange_halo`.
+    Returns ``((top, bottom), (left, right), during())``; the column strips already include
+    the corner pixels. ``during`` (e.g. the part of a convolution that needs no halo) runs
+    while the row strips travel. Not differentiable: see :func:`exchange_halo`.
     """
     shape = list(x.shape)
-    rows = _exchange_dim(lambda a, b: x.narrow(-2, a, b), shape, -2, spec.top, spec.bottom, spec.fill, mesh, x)
+    rows, ops = _exchange_dim(lambda a, b: x.narrow(-2, a, b), shape, -2, spec.top, spec.bottom, spec.fill, mesh, x)
+    works = _start(ops)
+    result = during() if during is not None else None
+    _wait(works)
     shape[-2] = spec.top + x.shape[-2] + spec.bottom
-    cols = _exchange_dim(lambda a, b: _row_extended_cols(x, rows, spec.bottom, a, b), shape, -1,
-                         spec.left, spec.right, spec.fill, mesh, x)
-    return rows, cols
+    cols, ops = _exchange_dim(lambda a, b: _row_extended_cols(x, rows, spec.bottom, a, b), shape, -1,
+                              spec.left, spec.right, spec.fill, mesh, x)
+    _run(ops)
+    return rows, cols, result
 
 
 def assemble(x: torch.Tensor, rows: Strips, cols: Strips, spec: HaloSpec) -> torch.Tensor:
@@ -216,7 +234,7 @@ class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, spec: HaloSpec, mesh: SpatialMesh) -> torch.Tensor:  # type: ignore[override]
         ctx.spec, ctx.mesh, ctx.shape = spec, mesh, x.shape
-        rows, cols = halo_strips(x, spec, mesh)
+        rows, cols, _ = halo_strips(x, spec, mesh)
         return assemble(x, rows, cols, spec)
 
     @staticmethod

@@ -110,6 +110,7 @@ def parallelize(
     mesh: SpatialMesh,
     *,
     local_modules: Iterable[type[nn.Module]] = (),
+    overlap: bool = False,
 ) -> nn.Module:
     """Shard ``model`` spatially over ``mesh``; returns the same object, modified in place.
 
@@ -122,6 +123,9 @@ def parallelize(
         The :class:`~halo.mesh.SpatialMesh` whose ``row`` x ``col`` ranks hold one image.
     local_modules:
         Extra leaf module types that act on each pixel alone (or on pooled features).
+    overlap:
+        Convolutions compute the part of their output that needs no halo while the halo
+        rows travel, then the border bands (same numbers; see :func:`halo.nn.halo_conv2d`).
 
     Raises
     ------
@@ -132,6 +136,9 @@ def parallelize(
     if type(model) in SWAPS:
         raise HaloNotSupportedError(f"parallelize expects a model, got a bare {type(model).__name__}")
     _swap(model, mesh, "", local)
+    for m in model.modules():
+        if isinstance(m, HaloConv2d):
+            m.overlap = overlap
     if getattr(model, "_halo_mesh", None) is None:
         _install_guard(model, mesh)
     return model

@@ -60,6 +60,7 @@ def check_equivalence(
     seed: int = 0,
     steps: int = 1,
     lr: float = 0.0,
+    overlap: bool = False,
 ) -> dict[str, float]:
     """Worst relative errors (by quantity) of the sharded model against one device.
 
@@ -72,7 +73,7 @@ def check_equivalence(
     ref = build().double()
     model = copy.deepcopy(ref)
     images = torch.randn(mesh.data, channels, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
-    halo.parallelize(model, mesh)
+    halo.parallelize(model, mesh, overlap=overlap)
     ref.train(train)
     model.train(train)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=lr) if lr else None

@@ -10,9 +10,9 @@ from models_zoo import LAYERS
 MESHES2 = [(1, 2), (2, 1)]
 
 
-def run_layer(name: str, rows: int, cols: int, train: bool, h: int, w: int) -> dict[str, float]:
+def run_layer(name: str, rows: int, cols: int, train: bool, h: int, w: int, overlap: bool = False) -> dict[str, float]:
     return check_equivalence(LAYERS[name], rows, cols, h, w, channels=4 if "group" in name or "depthwise" in name else 3,
-                             train=train)
+                             train=train, overlap=overlap)
 
 
 
@@ -33,3 +33,11 @@ def test_layer_four_ranks(pool4, name: str) -> None:
     meshes = [(2, 2), (4, 1)] + ([] if "dropout" in name else [(1, 2)])
     for rows, cols in meshes:
         assert_exact(pool4.run(run_layer, name, rows, cols, True, 8 * rows, 12 * cols))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", sorted(n for n in LAYERS if n.startswith("conv")))
+def test_conv_overlap_is_exact(pool4, name: str) -> None:
+    """Inside first, border bands after the halos arrive: still the one-device numbers."""
+    for rows, cols in [(2, 2), (4, 1), (1, 2)]:
+        assert_exact(pool4.run(run_layer, name, rows, cols, True, 16 * rows, 16 * cols, True))

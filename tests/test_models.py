@@ -15,10 +15,11 @@ from models_zoo import MODELS
 _DEEP_HALO = {"efficientnet_b0", "mobilenet_v3_small"}
 
 
-def run_model(name: str, rows: int, cols: int, train: bool, steps: int = 1, lr: float = 0.0) -> dict[str, float]:
+def run_model(name: str, rows: int, cols: int, train: bool, steps: int = 1, lr: float = 0.0,
+              overlap: bool = False) -> dict[str, float]:
     unit = 64 if name in _DEEP_HALO else 32
     size = unit * max(2 if unit == 32 else 1, rows), unit * max(2 if unit == 32 else 1, cols)
-    return check_equivalence(MODELS[name], rows, cols, *size, train=train, steps=steps, lr=lr)
+    return check_equivalence(MODELS[name], rows, cols, *size, train=train, steps=steps, lr=lr, overlap=overlap)
 
 
 
@@ -62,3 +63,9 @@ def run_checkpointed(rows: int, cols: int) -> dict[str, float]:
 def test_activation_checkpointing_is_exact(pool4) -> None:
     """Recomputing trunk stages in backward redoes the halo exchanges: still the one-device numbers."""
     assert_exact(pool4.run(run_checkpointed, 2, 2, timeout=500))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
+def test_overlapped_convolutions_are_exact(pool4, name: str) -> None:
+    assert_exact(pool4.run(run_model, name, 2, 2, True, 1, 0.0, True, timeout=500))

@@ -42,7 +42,7 @@ class _HaloMaxPool2dFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec: HaloSpec, padding, kernel, stride, dilation, mesh: SpatialMesh):  # type: ignore[override]
-        rows, cols = halo_strips(x, spec, mesh)
+        rows, cols, _ = halo_strips(x, spec, mesh)
         out, indices = F.max_pool2d(assemble(x, rows, cols, spec), kernel, stride, padding, dilation, False, True)
         ctx.save_for_backward(x, indices, *rows, *cols)
         ctx.conf = (spec, padding, kernel, stride, dilation, mesh)

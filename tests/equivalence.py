@@ -98,16 +98,15 @@ def check_equivalence(
         worst("logits", rel_err(out, ref_out[d : d + 1]))
         worst("input_grad", rel_err(x.grad / mesh.world_size, halo.scatter(full.grad[d : d + 1], mesh)))
         grad_scale = 1e-3 * max((q.grad.abs().max().item() for q in ref.parameters() if q.grad is not None), default=0.0)
-        for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            grad = grad.clone()
-            dist.all_reduce(grad)
-            if q.grad is None:
-                q_grad = torch.zeros_like(q)
-            else:
-                q_grad = q.grad
-            worst("param_grad", rel_err(grad / mesh.world_size, q_grad, grad_scale))
-            p.grad = grad / mesh.world_size  # what DDP leaves
+        params = list(model.parameters())
+        # one all-reduce of every gradient (as DDP's buckets do), then the average per parameter
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        dist.all_reduce(flat)
+        averaged = flat.div_(mesh.world_size).split([p.numel() for p in params])
+        for p, q, grad in zip(params, ref.parameters(), averaged):
+            q_grad = q.grad if q.grad is not None else torch.zeros_like(q)
+            worst("param_grad", rel_err(grad.view_as(p), q_grad, grad_scale))
+            p.grad = grad.view_as(p).clone()  # what DDP leaves
         if opt is not None:
             ref_opt.step()
             opt.step()

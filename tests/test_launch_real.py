@@ -139,10 +139,12 @@ def test_mpiexec_dead_rank(how: str) -> None:
 
 @pytest.mark.timeout(90)
 def test_mpiexec_dead_rank_reported_without_auto_cleanup() -> None:
-    # Without mpiexec's clean-up the survivor's guard reports the loss and calls MPI_Abort.
+    # Without mpiexec's clean-up the survivor's guard reports the loss and calls MPI_Abort,
+    # which ends mpiexec (else it would wait in MPI_Finalize). mpiexec's own "MPI_Abort" line
+    # is not asserted: the abort races with mpiexec forwarding the last output.
     rc, out, elapsed = _run(_mpiexec(*DIE, flags=("-disable-auto-cleanup",)), 80)
     _assert_lost(rc, out, elapsed, 20, "halo: rank 0 sees: rank 1 lost")
-    assert "MPI_Abort" in out, out
+    assert "halo: ending the job" in out, out
 
 
 @pytest.mark.timeout(90)

@@ -180,12 +180,18 @@ def test_slurm_requeue_resumes_from_checkpoint(slurm_cluster: Path, cohort: Path
             time.sleep(0.2)
         job = _job_id(log.read_text())
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
-        # a requeued job waits for its BeginTime (about two minutes); let it start at once
+        # A requeued job waits for its BeginTime (about two minutes) so that its new launch credential
+        # postdates the revocation of the old one on the node (one-second timestamps). Start it sooner,
+        # but only once the node has let go of the old incarnation and that second has passed:
+        # forcing it at once gets "Killing non-startable batch job: Job credential revoked".
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True,
                                    timeout=30).stdout.strip()
-            if state.startswith("PENDING"):
+            node = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+            if state.startswith("PENDING") and node == "idle":
+                time.sleep(2.0)
                 subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30)
                 break
             if proc.poll() is not None:

@@ -67,10 +67,6 @@ def _wait(works: list) -> None:
         work.wait()
 
 
-def _run(ops: list[dist.P2POp]) -> None:
-    _wait(_start(ops))
-
-
 def _axis(mesh: SpatialMesh, dim: int) -> tuple[dist.ProcessGroup, int, int]:
     axis = "row" if dim == -2 else "col"
     return mesh.axis_group(axis), mesh.axis_index(axis), mesh.axis_size(axis)
@@ -128,11 +124,11 @@ def _row_extended_cols(x: torch.Tensor, rows: Strips, bottom: int, start: int, w
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
-def _adjoint_dim(g: torch.Tensor, dim: int, before: int, after: int, n: int, mesh: SpatialMesh) -> tuple[torch.Tensor, Strips]:
-    """Send the halo strips of ``g`` back to their owners; the kept view and what came back.
+def _adjoint_dim(g: torch.Tensor, dim: int, before: int, after: int, n: int, mesh: SpatialMesh):
+    """The ops that send the halo strips of ``g`` back to their owners (run them before reading).
 
-    Returns the view of ``g`` over the local rows (length ``n + min(after, 0)``) and the
-    gradients received for this block's last ``before`` and first ``after`` rows.
+    Returns the view of ``g`` over the local rows (length ``n + min(after, 0)``), the buffers
+    for the gradients of this block's last ``before`` and first ``after`` rows, and the ops.
     """
     group, index, size = _axis(mesh, dim)
     ops: list[dist.P2POp] = []
@@ -149,8 +145,27 @@ def _adjoint_dim(g: torch.Tensor, dim: int, before: int, after: int, n: int, mes
         if index > 0:
             from_prev = torch.empty(_strip_shape(g, dim, after), dtype=g.dtype, device=g.device)
             ops.append(dist.P2POp(dist.irecv, from_prev, group=group, group_peer=index - 1))
-    _run(ops)
-    return g.narrow(dim, before, n + min(after, 0)), (from_next, from_prev)
+    return g.narrow(dim, before, n + min(after, 0)), (from_next, from_prev), ops
+
+
+class _During:
+    """Runs ``fn`` once, in the first exchange phase that has messages in flight (or at the end)."""
+
+    def __init__(self, fn: Callable[[], T] | None) -> None:
+        self.fn, self.result, self.pending = fn, None, fn is not None
+
+    def run(self, ops: list[dist.P2POp]) -> None:
+        """Post ``ops``; if they are the first real traffic, run ``fn`` while they travel; wait."""
+        works = _start(ops)
+        if self.pending and ops:
+            self.finish()
+        _wait(works)
+
+    def finish(self):
+        if self.pending:
+            self.pending = False
+            self.result = self.fn()  # type: ignore[misc]
+        return self.result
 
 
 def _add_received(out: torch.Tensor, dim: int, n: int, before: int, after: int, received: Strips) -> None:
@@ -168,18 +183,18 @@ def halo_strips(
 
     Returns ``((top, bottom), (left, right), during())``; the column strips already include
     the corner pixels. ``during`` (e.g. the part of a convolution that needs no halo) runs
-    while the row strips travel. Not differentiable: see :func:`exchange_halo`.
+    while the first phase with messages travels: the row strips, or the column strips where
+    the rows exchange nothing (a ``1 x C`` mesh). Not differentiable: see :func:`exchange_halo`.
     """
+    during_ = _During(during)
     shape = list(x.shape)
     rows, ops = _exchange_dim(lambda a, b: x.narrow(-2, a, b), shape, -2, spec.top, spec.bottom, spec.fill, mesh, x)
-    works = _start(ops)
-    result = during() if during is not None else None
-    _wait(works)
+    during_.run(ops)
     shape[-2] = spec.top + x.shape[-2] + spec.bottom
     cols, ops = _exchange_dim(lambda a, b: _row_extended_cols(x, rows, spec.bottom, a, b), shape, -1,
                               spec.left, spec.right, spec.fill, mesh, x)
-    _run(ops)
-    return rows, cols, result
+    during_.run(ops)
+    return rows, cols, during_.finish()
 
 
 def assemble(x: torch.Tensor, rows: Strips, cols: Strips, spec: HaloSpec) -> torch.Tensor:
@@ -213,20 +228,29 @@ def _local_part(kept: torch.Tensor, dim: int, n: int) -> torch.Tensor:
     return F.pad(kept, (0, missing) if dim == -1 else (0, 0, 0, missing))
 
 
-def adjoint(g: torch.Tensor, spec: HaloSpec, shape: torch.Size, mesh: SpatialMesh) -> torch.Tensor:
+def adjoint(g: torch.Tensor, spec: HaloSpec, shape: torch.Size, mesh: SpatialMesh,
+            during: Callable[[], object] | None = None) -> torch.Tensor:
     """Gradient w.r.t. the local block from the gradient w.r.t. the halo-extended block.
 
     ``g`` may be modified in place (callers pass a gradient they own); one full copy is made.
+    ``during`` (e.g. the weight gradient of a convolution) runs while the first phase with
+    messages travels; callers keep its result themselves.
     """
     if spec.is_empty:
+        if during is not None:
+            during()
         return g
+    during_ = _During(during)
     h, w = shape[-2:]
-    kept, received = _adjoint_dim(g, -1, spec.left, spec.right, w, mesh)
+    kept, received, ops = _adjoint_dim(g, -1, spec.left, spec.right, w, mesh)
+    during_.run(ops)
     g_rows = _local_part(kept, -1, w)  # (..., rows of the extended block, w)
     _add_received(g_rows, -1, w, spec.left, spec.right, received)
-    kept, received = _adjoint_dim(g_rows, -2, spec.top, spec.bottom, h, mesh)
+    kept, received, ops = _adjoint_dim(g_rows, -2, spec.top, spec.bottom, h, mesh)
+    during_.run(ops)
     out = _local_part(kept, -2, h).contiguous()
     _add_received(out, -2, h, spec.top, spec.bottom, received)
+    during_.finish()
     return out
 
 

@@ -247,21 +247,23 @@ def plan_model(
         fresh = 0  # bytes of tensors only this layer saves
         keyed: list[tuple[int, int]] = []  # (storage key, bytes) shared with other layers
         nin, nout = _numel(ins), _numel(outs)
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):  # the block (shared) and the thin strips
+        if isinstance(m, nn.MaxPool2d):  # int64 indices; plain torch also keeps the input
+            fresh += nout * 8
+            if not halo_layers:
+                keyed.append((r.ins[0], nin * eb))
+        elif isinstance(m, nn.Conv2d):  # the block (shared) and the thin strips
             keyed.append((r.ins[0], nin * eb))
             if spec is not None:
                 n, c, bh, bw = ins
                 eh = bh + spec.top + spec.bottom
                 fresh += n * c * eb * ((spec.top + max(spec.bottom, 0)) * bw + (spec.left + max(spec.right, 0)) * eh)
-            if isinstance(m, nn.MaxPool2d):
-                fresh += nout * 8  # int64 indices
         elif isinstance(m, nn.BatchNorm2d):
             keyed.append((r.ins[0], nin * eb))
             fresh += 2 * ins[1] * eb
-        elif isinstance(m, nn.AvgPool2d):  # saves the halo-extended copy
-            if spec is not None:
-                n, c, bh, bw = ins
-                fresh += n * c * (bh + spec.top + spec.bottom) * (bw + spec.left + spec.right) * eb
+        elif isinstance(m, nn.AvgPool2d):  # sharded: nothing but the divisors that exclude padding
+            if halo_layers and rows * cols > 1:
+                if not m.count_include_pad and m.divisor_override is None and spec is not None:
+                    fresh += outs[2] * outs[3] * eb
             else:
                 keyed.append((r.ins[0], nin * eb))
         elif isinstance(m, _SAVES_OUTPUT):

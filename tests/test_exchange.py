@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import halo
-from halo.exchange import HaloSpec
+from halo.exchange import HaloSpec, adjoint, halo_strips
 from halo.geometry import block_bounds
 
 SPECS = [
@@ -42,6 +42,16 @@ def exchange_matches_padding(rows: int, cols: int) -> None:
         both = torch.stack([lhs, rhs])
         dist.all_reduce(both)
         assert torch.allclose(both[0], both[1], rtol=1e-12, atol=1e-12), (spec, both)
+        # work overlapped with the messages runs once, and changes nothing that travels
+        calls: list[int] = []
+        plain = halo_strips(x.detach(), spec, mesh)
+        rows_, cols_, result = halo_strips(x.detach(), spec, mesh, during=lambda: calls.append(1) or "done")
+        assert result == "done" and calls == [1], spec
+        for a, b in zip((*plain[0], *plain[1]), (*rows_, *cols_)):
+            assert (a is None and b is None) or torch.equal(a, b), spec
+        expected_grad = adjoint(g.clone(), spec, x.shape, mesh)
+        assert torch.equal(adjoint(g.clone(), spec, x.shape, mesh, during=lambda: calls.append(2)), expected_grad)
+        assert calls == [1, 2], spec
 
 
 @pytest.mark.timeout(120)

@@ -28,10 +28,22 @@ def _model(name: str) -> torch.nn.Module:
     return getattr(torchvision.models, name)(num_classes=2)
 
 
+def _pools() -> torch.nn.Module:
+    """Every pooling kind halo shards: max, average with and without counting the padding."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+        nn.Conv2d(8, 8, 3, padding=1), nn.AvgPool2d(3, 2, 1), nn.Conv2d(8, 8, 1), nn.AvgPool2d(2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2),
+    )
+
+
 def measure_rank(name: str, rows: int, cols: int, height: int, width: int, batch: int) -> tuple[int, int]:
     """On one rank: bytes autograd saves for the forward, and bytes this rank sends in one step."""
     mesh = halo.SpatialMesh(rows, cols)
-    model = halo.parallelize(_model(name), mesh)
+    model = halo.parallelize(_pools() if name == "pools" else _model(name), mesh)
     image = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
     x = halo.scatter(image, mesh)
     sent = [0]
@@ -88,6 +100,26 @@ def test_two_ranks(pool2, name: str, grid: tuple[int, int]) -> None:
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_two_by_two(pool4, name: str) -> None:
     _check(pool4.run(measure_rank, name, 2, 2, 128, 192, 1), name, 2, 2, 128, 192, 1)
+
+
+@pytest.mark.timeout(300)
+def test_pooling_layers(pool1, pool4) -> None:
+    """Sharded pooling saves only max-pool indices and the divisors that exclude padding."""
+    for halo_layers in (False, True):  # plain torch keeps the pooling inputs; halo does not
+        model = _pools()
+        x = torch.randn(2, 3, 64, 64)
+        measured = (measure_saved_bytes(lambda: model(x), list(model.parameters()) + list(model.buffers()))
+                    if not halo_layers else pool1.run(measure_rank, "pools", 1, 1, 64, 64, 2)[0][0])
+        predicted = plan_model(_pools(), name="pools", image=(64, 64), batch=2, halo_layers=halo_layers)
+        assert predicted.activation_bytes_per_rank == measured, (halo_layers, predicted.activation_bytes_per_rank, measured)
+    for grid in [(1, 2), (2, 1), (2, 2)]:
+        h, w = 32 * grid[0], 32 * grid[1]
+        results = pool4.run(measure_rank, "pools", *grid, h, w, 2)
+        predicted = plan_model(_pools(), name="pools", image=(h, w), mesh=grid, batch=2)
+        for rank, (saved, _) in enumerate(results):
+            assert predicted.activation_bytes_per_rank == saved, (grid, rank, predicted.activation_bytes_per_rank, saved)
+        mean_sent = sum(sent for _, sent in results) / len(results)
+        assert abs(predicted.halo_bytes_per_step_per_rank - mean_sent) <= 0.05 * max(mean_sent, 1), grid
 
 
 def test_halo_bytes_closed_form() -> None:

@@ -3,7 +3,8 @@
 Forward (numbered as in the code): 1. receive halo strips, 2. rebuild the extended block,
 3. run the convolution with padding 0, 4. save only the block and the thin strips.
 Backward rebuilds the extended block, runs the convolution backward, and returns the halo
-part of the input gradient to its owners (:func:`halo.exchange.adjoint`). The block is the
+part of the input gradient to its owners (:func:`halo.exchange.adjoint`); with ``overlap``
+the input gradient comes first and the weight gradient is computed while its halo travels. The block is the
 same tensor the previous layer saved, so no second full copy is kept.
 """
 
@@ -93,6 +94,7 @@ class _HaloConv2dFn(torch.autograd.Function):
             (top, bottom), (left, right), y = done
         ctx.save_for_backward(x, weight, top, bottom, left, right)  # 4
         ctx.conf = (spec, padding, stride, dilation, groups, mesh, bias is not None)
+        ctx.overlap = overlap
         return y
 
     @staticmethod
@@ -101,13 +103,25 @@ class _HaloConv2dFn(torch.autograd.Function):
         spec, padding, stride, dilation, groups, mesh, has_bias = ctx.conf
         ext = assemble(x, (top, bottom), (left, right), spec)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gi, gw, gb = torch.ops.aten.convolution_backward(
-            g.contiguous(), ext, weight, [weight.shape[0]] if has_bias else None,
-            list(stride), list(padding), list(dilation), False, [0, 0], groups,
-            [need_x, need_w, need_b and has_bias],
-        )
+        need_b = need_b and has_bias
+        g = g.contiguous()
+
+        def grads(mask: list[bool]):
+            return torch.ops.aten.convolution_backward(
+                g, ext, weight, [weight.shape[0]] if has_bias else None,
+                list(stride), list(padding), list(dilation), False, [0, 0], groups, mask,
+            )
+
+        if need_x and ctx.overlap and (need_w or need_b):
+            # input gradient first; its halo part travels back while the weight gradient runs
+            gi = grads([True, False, False])[0]
+            wb: list = []
+            gx = adjoint(gi, spec, x.shape, mesh, during=lambda: wb.extend(grads([False, need_w, need_b])[1:]))
+            gw, gb = wb
+        else:
+            gi, gw, gb = grads([need_x, need_w, need_b])
+            gx = adjoint(gi, spec, x.shape, mesh) if need_x else None
         del ext
-        gx = adjoint(gi, spec, x.shape, mesh) if need_x else None
         return gx, gw, gb if has_bias else None, None, None, None, None, None, None, None
 
 

@@ -9,12 +9,12 @@ sum is an all-reduce sum), which is what makes averaged parameter gradients exac
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from halo.errors import HaloNotSupportedError
 from halo.mesh import SpatialMesh
+from halo.nn._collectives import gather_ranks, sum_over_ranks
 from halo.nn._window import halo_op, is_replicated, mark_replicated
 from halo.nn.module import adopt
 
@@ -41,15 +41,11 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
         ctx.group = group
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
-        return out
+        return sum_over_ranks(x, group)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        g = g.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+        return sum_over_ranks(g, ctx.group), None
 
 
 def global_sum(x: torch.Tensor, mesh: SpatialMesh) -> torch.Tensor:
@@ -79,12 +75,12 @@ def global_max_pool2d(x: torch.Tensor, mesh: SpatialMesh) -> torch.Tensor:
         return mark_replicated(local)
     h, w = x.shape[-2:]
     _, row, col = mesh.coords
-    peak = local.detach().clone()
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=mesh.spatial_group)
     position = (row * h + idx // w) * (w * mesh.cols) + col * w + idx % w
+    values = gather_ranks(local.detach(), mesh.spatial_group)  # (ranks, N, C, 1, 1)
+    peak = values.amax(0)
+    first = torch.where(values == peak, gather_ranks(position, mesh.spatial_group), torch.iinfo(position.dtype).max)
+    first = first.amin(0)
     is_peak = local.detach() == peak
-    first = torch.where(is_peak, position, torch.iinfo(position.dtype).max)
-    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=mesh.spatial_group)
     mine = is_peak & (first == position)
     return mark_replicated(global_sum(torch.where(mine, local, torch.zeros_like(local)), mesh))
 

@@ -4,7 +4,8 @@ Statistics are reduced over every rank of the mesh (all blocks of all images in 
 data group), exactly as one device computes them over the full ``(N, C, H, W)`` batch.
 Forward: local mean and variance, one all-gather of ``(count, mean, var)`` per layer,
 combined with Chan's parallel formula (no catastrophic cancellation). Backward: one
-all-reduce of ``(sum dy, sum dy * xhat)``. The element-wise work runs in torch's fused
+all-gather of ``(sum dy, sum dy * xhat)``, summed locally in rank order (on gloo an
+all-gather is one round trip where an all-reduce takes several; see ``_collectives``). The element-wise work runs in torch's fused
 batch-norm kernels. Parameter gradients stay local, so
 averaging them over ranks gives the one-device gradient. Eval mode is purely local.
 """
@@ -16,14 +17,11 @@ import torch.distributed as dist
 from torch import nn
 
 from halo.mesh import SpatialMesh
+from halo.nn._collectives import gather_ranks, sum_over_ranks
 from halo.nn._window import halo_op
 from halo.nn.module import adopt
 
 __all__ = ["HaloBatchNorm2d", "sync_batch_stats"]
-
-
-# torch >= 2.10 names it all_gather_single; older releases all_gather_into_tensor.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _view(v: torch.Tensor) -> torch.Tensor:
@@ -35,11 +33,7 @@ def sync_batch_stats(x: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[
     channels = x.shape[1]
     mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # fused, biased variance
     count = torch.full((1,), x.numel() // channels, dtype=mean.dtype, device=x.device)
-    local = torch.cat([count, mean, var])
-    world = dist.get_world_size(group)
-    gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
-    _all_gather(gathered, local, group=group)
-    gathered = gathered.view(world, local.numel())
+    gathered = gather_ranks(torch.cat([count, mean, var]), group)
     counts, means, variances = gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
     total = counts.sum()
     mean = (counts * means).sum(0) / total
@@ -52,7 +46,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
 
     Forward normalises with the global (mean, var) through ``torch.batch_norm`` in eval
     mode (one fused pass). Backward gets ``dx_eval = w * invstd * dy``, ``sum(dy * xhat)`` and
-    ``sum(dy)`` from one fused ``native_batch_norm_backward`` pass, all-reduces the two sums,
+    ``sum(dy)`` from one fused ``native_batch_norm_backward`` pass, sums the two over ranks,
     and adds the training-mode terms as one affine map of ``x`` per channel:
     ``dx = dx_eval - w * invstd * (mean(dy) + xhat * mean(dy * xhat))``.
     """
@@ -78,8 +72,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
         gb = sum_dy.clone() if ctx.needs_input_grad[2] else None
         if not ctx.needs_input_grad[0]:
             return None, gw, gb, None, None
-        sums = torch.cat([sum_dy, sum_dy_xhat])
-        dist.all_reduce(sums, group=ctx.group)
+        sums = sum_over_ranks(torch.cat([sum_dy, sum_dy_xhat]), ctx.group)
         mean_dy, mean_dy_xhat = (sums / ctx.total).chunk(2)
         invstd = torch.rsqrt(var + ctx.eps)
         scale = w * invstd  # dx = dx_eval + slope * x + offset, per channel

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from halo.errors import HaloNotSupportedError
-from halo.exchange import HaloSpec, adjoint, assemble, exchange_halo, halo_strips
+from halo.exchange import HaloSpec, adjoint, assemble, halo_strips
 from halo.geometry import conv_output_size
 from halo.mesh import SpatialMesh
 from halo.nn._window import check_block, halo_op, is_replicated, mark_replicated, pair, split_local, window_spec
@@ -37,29 +37,34 @@ class _HaloMaxPool2dFn(torch.autograd.Function):
     """Max pooling with halos that keeps the block and thin strips, not an extended copy.
 
     Plain ``max_pool2d`` would save the halo-extended input although the block itself is
-    already saved by the layer before; backward rebuilds the extended block instead.
+    already saved by the layer before. Backward needs only the indices of the maxima, so
+    it saves them and the strips' shapes, and rebuilds nothing.
     """
 
     @staticmethod
     def forward(ctx, x, spec: HaloSpec, padding, kernel, stride, dilation, mesh: SpatialMesh):  # type: ignore[override]
         rows, cols, _ = halo_strips(x, spec, mesh)
         out, indices = F.max_pool2d(assemble(x, rows, cols, spec), kernel, stride, padding, dilation, False, True)
-        ctx.save_for_backward(x, indices, *rows, *cols)
+        ctx.save_for_backward(indices)
+        ctx.shape = x.shape
         ctx.conf = (spec, padding, kernel, stride, dilation, mesh)
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, indices, top, bottom, left, right = ctx.saved_tensors
+        (indices,) = ctx.saved_tensors
         spec, padding, kernel, stride, dilation, mesh = ctx.conf
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None
-        ext = assemble(x, (top, bottom), (left, right), spec)
+        # the kernel reads only the input's shape (the indices say where each maximum was):
+        # a zero-stride stand-in of the extended block's shape saves rebuilding it
+        h, w = ctx.shape[-2:]
+        shape = (*ctx.shape[:-2], spec.top + h + spec.bottom, spec.left + w + spec.right)
         g_ext = torch.ops.aten.max_pool2d_with_indices_backward(
-            g.contiguous(), ext, pair(kernel), list(stride), list(padding), pair(dilation), False, indices
+            g.contiguous(), g.new_zeros(()).expand(shape), pair(kernel), list(stride), list(padding), pair(dilation),
+            False, indices,
         )
-        del ext
-        return adjoint(g_ext, spec, x.shape, mesh), None, None, None, None, None, None
+        return adjoint(g_ext, spec, ctx.shape, mesh), None, None, None, None, None, None
 
 
 class HaloMaxPool2d(nn.MaxPool2d):
@@ -87,6 +92,30 @@ class HaloMaxPool2d(nn.MaxPool2d):
         check_block(x, self.halo_spec, self.halo_stride, self.halo_name, "MaxPool2d")
         return _HaloMaxPool2dFn.apply(x, self.halo_exchange, self.halo_padding, self.kernel_size, self.halo_stride,
                                       self.dilation, self.mesh)
+
+
+class _HaloAvgPool2dFn(torch.autograd.Function):
+    """Average pooling (``count_include_pad`` semantics, padding 0) of the halo-extended block.
+
+    ``avg_pool2d`` would save the extended block for backward, which needs only its shape:
+    this saves nothing, and backward spreads the gradient over a stand-in of that shape.
+    """
+
+    @staticmethod
+    def forward(ctx, x, spec: HaloSpec, kernel, stride, divisor, mesh: SpatialMesh):  # type: ignore[override]
+        rows, cols, _ = halo_strips(x, spec, mesh)
+        ext = assemble(x, rows, cols, spec)
+        ctx.shape, ctx.ext_shape, ctx.conf = x.shape, ext.shape, (spec, kernel, stride, divisor, mesh)
+        return F.avg_pool2d(ext, kernel, stride, 0, False, True, divisor)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        spec, kernel, stride, divisor, mesh = ctx.conf
+        g_ext = torch.ops.aten.avg_pool2d_backward(
+            g.contiguous(), g.new_zeros(()).expand(ctx.ext_shape), pair(kernel), list(stride), [0, 0], False, True,
+            divisor,
+        )
+        return adjoint(g_ext, spec, ctx.shape, mesh), None, None, None, None, None
 
 
 class HaloAvgPool2d(nn.AvgPool2d):
@@ -125,8 +154,8 @@ class HaloAvgPool2d(nn.AvgPool2d):
         check_block(x, self.halo_spec, self.halo_stride, self.halo_name, "AvgPool2d")
         if self.mesh.size == 1:  # the block is the image: torch's own padding and divisors
             return super().forward(x)
-        ext = exchange_halo(x, self.mesh, self.halo_spec)
-        if self.count_include_pad or self.divisor_override is not None or self.halo_spec.is_empty:
-            return F.avg_pool2d(ext, self.kernel_size, self.halo_stride, 0, False, True, self.divisor_override)
-        sums = F.avg_pool2d(ext, self.kernel_size, self.halo_stride, 0, False, True, 1)
+        spec = self.halo_spec
+        if self.count_include_pad or self.divisor_override is not None or spec.is_empty:
+            return _HaloAvgPool2dFn.apply(x, spec, self.kernel_size, self.halo_stride, self.divisor_override, self.mesh)
+        sums = _HaloAvgPool2dFn.apply(x, spec, self.kernel_size, self.halo_stride, 1, self.mesh)
         return sums / self._valid_counts(x)

@@ -7,6 +7,7 @@ command that regenerated it, the date and the machine.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import multiprocessing as mp
 import os
@@ -22,7 +23,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_ranks", "machine", "write_section", "measure_step", "timed_steps", "RESULTS", "count_sends"]
+__all__ = [
+    "run_ranks", "machine", "write_section", "measure_step", "timed_steps", "RESULTS", "count_sends",
+    "markdown_table", "parser", "sync_latency",
+]
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 _HEADER = (
@@ -77,6 +81,20 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, 
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world)]
+
+
+def parser(doc: str | None, quick: str = "tiny sizes for CI; prints, does not write RESULTS.md") -> argparse.ArgumentParser:
+    """The argument parser every benchmark starts from: its docstring's first line and ``--quick``."""
+    ap = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    ap.add_argument("--quick", action="store_true", help=quick)
+    return ap
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table; cells are formatted by the caller (``str()`` otherwise)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def machine() -> str:
@@ -188,13 +206,39 @@ class _TimedWork:
             self.clock[0] += time.perf_counter() - t0
 
 
+def _count_collectives():
+    """Patch the collectives the halo layers call to count them; returns (counter, undo)."""
+    import torch.distributed as dist
+
+    from halo.nn import _collectives
+
+    count = [0]
+    patched = []
+    for owner, name in ((_collectives, "_all_gather"), (dist, "all_reduce"), (dist, "all_gather")):
+        real = getattr(owner, name)
+
+        def counting(*args, _real=real, **kwargs):
+            count[0] += 1
+            return _real(*args, **kwargs)
+
+        setattr(owner, name, counting)
+        patched.append((owner, name, real))
+
+    def undo() -> None:
+        for owner, name, real in patched:
+            setattr(owner, name, real)
+
+    return count, undo
+
+
 def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, steps: int, sharded: bool = True,
                 overlap: bool | None = None) -> dict[str, float]:
     """Median seconds of a training step (forward, backward) after one warm-up, slowest rank.
 
     Also the median seconds this rank spends blocked in halo p2p waits (``wait``), and
-    posting them (``post``), per step. ``overlap`` sets ``HaloConv2d.overlap`` where the
-    layer has it.
+    posting them (``post``), per step, and how many times per step the ranks synchronise
+    (``syncs``: p2p batches plus collectives). ``overlap`` sets ``HaloConv2d.overlap``
+    where the layer has it.
     """
     import torch
     import torch.distributed as dist
@@ -205,22 +249,28 @@ def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, ste
             if hasattr(m, "overlap"):
                 m.overlap = overlap
     real = dist.batch_isend_irecv
-    wait, post = [0.0], [0.0]
+    wait, post, batches = [0.0], [0.0], [0]
 
     def timed(ops):
         t0 = time.perf_counter()
         works = real(ops)
         post[0] += time.perf_counter() - t0
+        batches[0] += 1
         return [_TimedWork(wk, wait) for wk in works]
 
     dist.batch_isend_irecv = timed
-    times, waits, posts = [], [], []
+    times, waits, posts, syncs = [], [], [], []
     try:
         for i in range(steps + 1):
             dist.barrier()
             wait[0] = post[0] = 0.0
+            collectives, undo = _count_collectives()
+            batches[0] = 0
             t0 = time.perf_counter()
-            model(x).sum().backward()
+            try:
+                model(x).sum().backward()
+            finally:
+                undo()
             model.zero_grad(set_to_none=True)
             t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -228,7 +278,38 @@ def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, ste
                 times.append(t.item())
                 waits.append(wait[0])
                 posts.append(post[0])
+                syncs.append(batches[0] + collectives[0])
     finally:
         dist.batch_isend_irecv = real
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return {"step": med(times), "wait": med(waits), "post": med(posts)}
+    return {"step": med(times), "wait": med(waits), "post": med(posts), "syncs": med(syncs)}
+
+
+def sync_latency(repeats: int = 200) -> dict[str, float]:
+    """Seconds one synchronisation costs two idle ranks: the batch-norm all-gather of a few
+    hundred floats, and one p2p batch that swaps a small strip (median of ``repeats``)."""
+    import torch
+    import torch.distributed as dist
+
+    from halo.nn._collectives import gather_ranks
+
+    vec, strip = torch.zeros(258), torch.zeros(64 * 64)
+    peer = (dist.get_rank() + 1) % dist.get_world_size()
+    prev = (dist.get_rank() - 1) % dist.get_world_size()
+
+    def swap() -> None:
+        got = torch.empty_like(strip)
+        ops = [dist.P2POp(dist.irecv, got, prev), dist.P2POp(dist.isend, strip, peer)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+    out = {}
+    for key, fn in (("gather", lambda: gather_ranks(vec, None)), ("p2p", swap)):
+        times = []
+        for i in range(repeats + 10):
+            t0 = time.perf_counter()
+            fn()
+            if i >= 10:
+                times.append(time.perf_counter() - t0)
+        out[key] = sorted(times)[len(times) // 2]
+    return out

@@ -16,14 +16,13 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import _rss, _setup, run_ranks, write_section  # noqa: E402
+from _common import _rss, _setup, markdown_table, parser, run_ranks, write_section  # noqa: E402
 
 __all__ = ["main", "dtensor_conv", "checkpointed_step"]
 
@@ -129,8 +128,7 @@ def _fmt(v) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns both tables' rows."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes for CI; prints, does not write RESULTS.md")
+    ap = parser(__doc__, quick="tiny sizes for CI; prints, does not write RESULTS.md")
     ap.add_argument("--size", type=int, default=512, help="image side for the whole-model comparison")
     ap.add_argument("--steps", type=int, default=3)
     a = ap.parse_args(argv)
@@ -138,11 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
     convs = run_ranks(dtensor_conv, 2, channels, conv_size, repeats)[0]
     lines = [f"DTensor Shard(3) vs HaloConv2d on 1x2, {channels} channels, {conv_size}x{conv_size}, float64 "
              "(relative errors of gathered shards against one process):", "",
-             "| conv | DTensor output placement | DTensor fwd err | DTensor input-grad err | DTensor s (fwd+bwd) | "
-             "halo fwd err | halo input-grad err | halo s (fwd+bwd) |", "|---|---|---|---|---|---|---|---|"]
-    for r in convs:
-        lines.append(f"| {r['conv']} | {r['placement']} | {_fmt(r['dtensor_fwd'])} | {_fmt(r['dtensor_gx'])} | "
-                     f"{r['dtensor_s']:.4f} | {_fmt(r['halo_fwd'])} | {_fmt(r['halo_gx'])} | {r['halo_s']:.4f} |")
+             markdown_table(
+                 ["conv", "DTensor output placement", "DTensor fwd err", "DTensor input-grad err",
+                  "DTensor s (fwd+bwd)", "halo fwd err", "halo input-grad err", "halo s (fwd+bwd)"],
+                 [[r["conv"], r["placement"], _fmt(r["dtensor_fwd"]), _fmt(r["dtensor_gx"]), f"{r['dtensor_s']:.4f}",
+                   _fmt(r["halo_fwd"]), _fmt(r["halo_gx"]), f"{r['halo_s']:.4f}"] for r in convs])]
     from _common import timed_steps
 
     plain = run_ranks(checkpointed_step, 1, "resnet18", size, steps, False)[0]
@@ -151,14 +149,16 @@ def main(argv: list[str] | None = None) -> dict:
     from halo.plan import plan
 
     halo_act = plan("resnet18", (size, size), (1, 2)).activation_bytes_per_rank
+    plain_act = plan("resnet18", (size, size), halo_layers=False).activation_bytes_per_rank
+    ck_act = plan("resnet18", (size, size), halo_layers=False, checkpointing=True).activation_bytes_per_rank
     lines += ["", f"ResNet-18 at {size}x{size}, batch 1, float32, one thread per process:", "",
-              "| setup | processes | step s | peak RSS increase MB / process | planned activations MB / process |",
-              "|---|---|---|---|---|",
-              f"| one process | 1 | {plain['step']:.3f} | {plain['rss'] / 1e6:.0f} | "
-              f"{plan('resnet18', (size, size), halo_layers=False).activation_bytes_per_rank / 1e6:.0f} |",
-              f"| one process + checkpointing | 1 | {ck['step']:.3f} | {ck['rss'] / 1e6:.0f} | "
-              f"{plan('resnet18', (size, size), halo_layers=False, checkpointing=True).activation_bytes_per_rank / 1e6:.0f} |",
-              f"| halo 1x2 | 2 | {sharded['step']:.3f} | - | {halo_act / 1e6:.0f} |"]
+              markdown_table(
+                  ["setup", "processes", "step s", "peak RSS increase MB / process",
+                   "planned activations MB / process"],
+                  [["one process", 1, f"{plain['step']:.3f}", f"{plain['rss'] / 1e6:.0f}", f"{plain_act / 1e6:.0f}"],
+                   ["one process + checkpointing", 1, f"{ck['step']:.3f}", f"{ck['rss'] / 1e6:.0f}",
+                    f"{ck_act / 1e6:.0f}"],
+                   ["halo 1x2", 2, f"{sharded['step']:.3f}", "-", f"{halo_act / 1e6:.0f}"]])]
     text = "\n".join(lines)
     print(text)
     if not a.quick:

@@ -17,13 +17,12 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import _setup, run_ranks, write_section  # noqa: E402
+from _common import _setup, markdown_table, parser, run_ranks, write_section  # noqa: E402
 
 __all__ = ["main", "largest_side", "forward_saved"]
 
@@ -59,8 +58,7 @@ def forward_saved(model: str, rows: int, cols: int, side: int, sharded: bool) ->
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark; returns the table rows."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny budget for CI; prints, does not write RESULTS.md")
+    ap = parser(__doc__, quick="tiny budget for CI; prints, does not write RESULTS.md")
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--budget-mb", type=float, default=400.0, help="per-rank budget, MB (1e6 bytes)")
     a = ap.parse_args(argv)
@@ -78,14 +76,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             print(f"{label} checkpointing={ckpt}: largest square image {side} x {side}", flush=True)
     base = {r["ckpt"]: r["side"] for r in rows if r["setup"] == "one process"}
-    lines = ["| setup | checkpointing | largest square image | pixels x one process (same checkpointing) | "
-             "planned MB / rank | measured MB / rank |", "|---|---|---|---|---|---|"]
+    cells = []
     for r in rows:
         ratio = (r["side"] / base[r["ckpt"]]) ** 2 if base.get(r["ckpt"]) else float("nan")
         meas = "-" if r["measured"] is None else f"{r['measured'] / 1e6:.0f}"
-        lines.append(f"| {r['setup']} | {'on' if r['ckpt'] else 'off'} | {r['side']} x {r['side']} | {ratio:.2f} | "
-                     f"{r['planned'] / 1e6:.0f} | {meas} |")
-    text = "\n".join(lines)
+        cells.append([r["setup"], "on" if r["ckpt"] else "off", f"{r['side']} x {r['side']}", f"{ratio:.2f}",
+                      f"{r['planned'] / 1e6:.0f}", meas])
+    text = markdown_table(["setup", "checkpointing", "largest square image",
+                           "pixels x one process (same checkpointing)", "planned MB / rank", "measured MB / rank"],
+                          cells)
     print(text)
     if not a.quick:
         body = (f"## 4. Largest image within {budget / 1e6:.0f} MB per rank\n\n{model}, batch 1, float32; the budget "

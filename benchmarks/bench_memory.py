@@ -15,14 +15,13 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import measure_step, run_ranks, write_section  # noqa: E402
+from _common import markdown_table, measure_step, parser, run_ranks, write_section  # noqa: E402
 
 __all__ = ["main", "MESHES"]
 
@@ -52,19 +51,17 @@ def rows_for(name: str, size: int, batch: int, meshes: list[tuple[int, int]] = M
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | image | mesh | saved MB / rank | halo-plan MB | plan / measured | saved x P / one process "
-             "| peak RSS increase MB / rank | RSS x P / one process |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['size']}x{r['size']} | {r['mesh']} | {r['saved'] / MB:.1f} | "
-                     f"{r['pred'] / MB:.1f} | {r['pred'] / r['saved']:.3f} | {r['ratio']:.3f} | {r['rss'] / MB:.0f} | "
-                     f"{r['rss_ratio']:.2f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["model", "image", "mesh", "saved MB / rank", "halo-plan MB", "plan / measured", "saved x P / one process",
+         "peak RSS increase MB / rank", "RSS x P / one process"],
+        [[r["model"], f"{r['size']}x{r['size']}", r["mesh"], f"{r['saved'] / MB:.1f}", f"{r['pred'] / MB:.1f}",
+          f"{r['pred'] / r['saved']:.3f}", f"{r['ratio']:.3f}", f"{r['rss'] / MB:.0f}", f"{r['rss_ratio']:.2f}"]
+         for r in rows])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark; returns the table rows."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes for CI; prints, does not write RESULTS.md")
+    ap = parser(__doc__, quick="tiny sizes for CI; prints, does not write RESULTS.md")
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
     ap.add_argument("--batch", type=int, default=1)

@@ -11,7 +11,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import write_section  # noqa: E402
+from _common import parser, write_section  # noqa: E402
 
 __all__ = ["main", "CASES"]
 
@@ -33,8 +32,7 @@ def main(argv: list[str] | None = None) -> str:
     """Run halo-plan on each case; returns the markdown."""
     from halo.plan import main as halo_plan
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="prints only, does not write RESULTS.md")
+    ap = parser(__doc__, quick="prints only, does not write RESULTS.md")
     a = ap.parse_args(argv)
     parts = []
     for case in CASES:

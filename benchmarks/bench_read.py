@@ -15,16 +15,16 @@ over ``--repeat`` runs, in MB/s of RGB output per rank. Results are appended to
 Usage::
 
     python benchmarks/bench_read.py            # 8192 x 6144 slide, grid 2x2
-    python benchmarks/bench_read.py --quick    # 2048 x 1536, for CI
+    python benchmarks/bench_read.py --quick    # 2048 x 1536, for CI; prints only
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +34,10 @@ import numpy as np
 import halo.data as hd
 from halo.data.slide import clear_cache
 from halo.data.synth import render_tissue, write_pyramid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import markdown_table, parser  # noqa: E402
 
 __all__ = ["main"]
 
@@ -99,13 +103,14 @@ def bench(path: Path, grid: tuple[int, int], mpp: float, repeat: int) -> list[di
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and append the table to ``benchmarks/results/bench_read.md``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small slide, one repeat (CI)")
+    """Run the benchmark and append the table to ``benchmarks/results/bench_read.md`` (``--out``);
+    ``--quick`` only prints unless ``--out`` is given."""
+    p = parser(__doc__, quick="small slide, one repeat (CI)")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("W", "H"))
     p.add_argument("--grid", type=int, nargs=2, default=(2, 2), metavar=("ROWS", "COLS"))
     p.add_argument("--repeat", type=int, default=None)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_read.md"))
+    p.add_argument("--out", default=None,
+                   help="markdown file to append to (default: benchmarks/results/bench_read.md; --quick only prints)")
     a = p.parse_args(argv)
     size = tuple(a.size) if a.size else ((2048, 1536) if a.quick else (8192, 6144))
     repeat = a.repeat or (1 if a.quick else 3)
@@ -116,10 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Slide: {size[0]}x{size[1]} px at 0.25 mpp, 4 levels, zlib, 256-px tiles; grid {grid[0]}x{grid[1]}; "
         f"median of {repeat}, cold handle per read.\n",
         "openslide reads the same rectangle in level pixels (RGB bytes of its output counted).\n",
-        "| target mpp | level | resample | rank | block MB | read_block ms | read_block MB/s "
-        "| openslide ms | openslide MB/s |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         path = _slide(Path(tmp), size)  # type: ignore[arg-type]
@@ -127,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         for mpp in (0.25, 0.75):  # 0.25: level 0 as is; 0.75: level 1 (0.5 mpp) box-resampled by 1.5
             for row in bench(path, grid, mpp, repeat):
                 res = "no" if row["scale"] == 1 else f"x{1 / row['scale']:.2f}"
-                line = (f"| {mpp} | {row['level']} | {res} "
-                        f"| {row['rank']} | {row['mb']:.1f} | {row['halo_ms']:.1f} | {row['halo']:.0f} "
-                        f"| {row['openslide_ms']:.1f} | {row['openslide']:.0f} |")
-                lines.append(line)
-                print(line)
+                rows.append([mpp, row["level"], res, row["rank"], f"{row['mb']:.1f}", f"{row['halo_ms']:.1f}",
+                             f"{row['halo']:.0f}", f"{row['openslide_ms']:.1f}", f"{row['openslide']:.0f}"])
         clear_cache()
-    out = Path(a.out)
+    table = markdown_table(["target mpp", "level", "resample", "rank", "block MB", "read_block ms", "read_block MB/s",
+                            "openslide ms", "openslide MB/s"], rows)
+    lines.append(table)
+    print(table)
+    if a.out is None and a.quick:
+        return 0
+    out = Path(a.out or Path(__file__).parent / "results" / "bench_read.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     new = not out.exists()
     with open(out, "a") as fh:

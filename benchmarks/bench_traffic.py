@@ -15,14 +15,13 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import measure_step, run_ranks, write_section  # noqa: E402
+from _common import markdown_table, measure_step, parser, run_ranks, write_section  # noqa: E402
 
 __all__ = ["main"]
 
@@ -44,18 +43,17 @@ def measure(name: str, size: int, rows: int, cols: int, batch: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | image | mesh | sent MB / rank (mean) | min - max over ranks | two-phase theory MB | "
-             "measured / theory |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['size']}x{r['size']} | {r['mesh']} | {r['mean'] / 1e6:.3f} | "
-                     f"{r['min'] / 1e6:.3f} - {r['max'] / 1e6:.3f} | {r['theory'] / 1e6:.3f} | {r['ratio']:.4f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["model", "image", "mesh", "sent MB / rank (mean)", "min - max over ranks", "two-phase theory MB",
+         "measured / theory"],
+        [[r["model"], f"{r['size']}x{r['size']}", r["mesh"], f"{r['mean'] / 1e6:.3f}",
+          f"{r['min'] / 1e6:.3f} - {r['max'] / 1e6:.3f}", f"{r['theory'] / 1e6:.3f}", f"{r['ratio']:.4f}"]
+         for r in rows])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark; returns the table rows."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes for CI; prints, does not write RESULTS.md")
+    ap = parser(__doc__, quick="tiny sizes for CI; prints, does not write RESULTS.md")
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[128, 256])
     ap.add_argument("--batch", type=int, default=1)

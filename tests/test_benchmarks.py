@@ -20,6 +20,8 @@ SCRIPTS = {
     "bench_speed.py": "efficiency t1/(P tP)",
     "bench_budget.py": "largest square image",
     "bench_alternatives.py": "DTensor",
+    "bench_plan.py": "activation_bytes_per_rank",
+    "bench_read.py": "read_block MB/s",
 }
 
 

@@ -8,51 +8,27 @@ process-group timeout plus start-up, and that the survivor names the lost rank.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 try:
-    from tests.slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
+    from tests.launch_helpers import PY, REPO, TORCHRUN, need_mpiexec, run_cmd
+    from tests.launch_helpers import slurm_cluster  # noqa: F401 - the fixture
 except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less import mode)
-    from slurm_cluster import slurm_cluster  # type: ignore[no-redef]  # noqa: F401
+    from launch_helpers import PY, REPO, TORCHRUN, need_mpiexec, run_cmd  # type: ignore[no-redef]
+    from launch_helpers import slurm_cluster  # type: ignore[no-redef]  # noqa: F401
 
-REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "scripts" / "dist_probe.py"
-PY = sys.executable
-MPIEXEC = Path(PY).parent / "mpiexec"
 START_S = 20.0  # generous bound for interpreter + torch import + rendezvous on a loaded 2-CPU box
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-_LAUNCHER_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "SUBMITIT_", "TORCHELASTIC_")
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """This environment without any launcher's variables (pytest may itself run under one)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCHER_VARS and not k.startswith(_LAUNCHER_PREFIXES)}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env | extra
-
-
-def _run(cmd: list[str], limit: float, **extra: str) -> tuple[int, str, float]:
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=REPO, env=_clean_env(**extra))
-    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
 
 
 def _torchrun(*args: str) -> list[str]:
-    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(PROBE), *args]
+    return [*TORCHRUN, str(PROBE), *args]
 
 
 def _mpiexec(*args: str, flags: tuple[str, ...] = ()) -> list[str]:
-    if not MPIEXEC.exists():
-        pytest.skip(f"no mpiexec beside {PY} (the mpich wheel provides it)")
-    return [str(MPIEXEC), *flags, "-n", "2", PY, str(PROBE), *args]
+    return [str(need_mpiexec()), *flags, "-n", "2", PY, str(PROBE), *args]
 
 
 def _srun(*args: str) -> list[str]:
@@ -70,14 +46,14 @@ def _check_results(out_dir: Path, source: str, output: str) -> None:
 
 @pytest.mark.timeout(90)
 def test_torchrun(tmp_path: Path) -> None:
-    rc, out, _ = _run(_torchrun("--out", str(tmp_path)), 80)
+    rc, out, _ = run_cmd(_torchrun("--out", str(tmp_path)), 80)
     assert rc == 0, out
     _check_results(tmp_path, "torchrun", out)
 
 
 @pytest.mark.timeout(90)
 def test_mpiexec(tmp_path: Path) -> None:
-    rc, out, _ = _run(_mpiexec("--out", str(tmp_path)), 80)
+    rc, out, _ = run_cmd(_mpiexec("--out", str(tmp_path)), 80)
     assert rc == 0, out
     _check_results(tmp_path, "mpi", out)
 
@@ -85,7 +61,7 @@ def test_mpiexec(tmp_path: Path) -> None:
 @pytest.mark.slurm
 @pytest.mark.timeout(120)
 def test_srun(slurm_cluster: Path, tmp_path: Path) -> None:  # noqa: F811
-    rc, out, _ = _run(_srun("--out", str(tmp_path)), 110)
+    rc, out, _ = run_cmd(_srun("--out", str(tmp_path)), 110)
     assert rc == 0, out
     _check_results(tmp_path, "slurm", out)
 
@@ -96,7 +72,7 @@ def test_sbatch_template(slurm_cluster: Path, tmp_path: Path) -> None:  # noqa: 
     cmd = ["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
            "--cpus-per-task=1", "--time=5", f"--output={tmp_path}/slurm-%j.out",
            str(REPO / "slurm" / "halo.sbatch"), "--steps", "2", "--out", str(tmp_path / "res")]
-    rc, out, _ = _run(cmd, 140, HALO_ENTRY=f"{PY} {PROBE}")
+    rc, out, _ = run_cmd(cmd, 140, HALO_ENTRY=f"{PY} {PROBE}")
     logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert rc == 0, out + logs
     _check_results(tmp_path / "res", "slurm", out + logs)
@@ -118,13 +94,13 @@ def _assert_lost(rc: int, out: str, elapsed: float, timeout_s: float, lost: str)
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("how", ["exit", "KILL"])
 def test_torchrun_dead_rank(how: str) -> None:
-    rc, out, elapsed = _run(_torchrun(*DIE, "--die-signal", how), 80)
+    rc, out, elapsed = run_cmd(_torchrun(*DIE, "--die-signal", how), 80)
     _assert_lost(rc, out, elapsed, 20, "halo: rank 0 sees: rank 1 lost")
 
 
 @pytest.mark.timeout(90)
 def test_torchrun_hung_rank() -> None:
-    rc, out, elapsed = _run(_torchrun(*HANG), 80)
+    rc, out, elapsed = run_cmd(_torchrun(*HANG), 80)
     assert elapsed > HANG_TIMEOUT_S, out  # only the collective timeout catches a hang
     _assert_lost(rc, out, elapsed, HANG_TIMEOUT_S, "rank 1 alive but not responding")
 
@@ -133,7 +109,7 @@ def test_torchrun_hung_rank() -> None:
 @pytest.mark.parametrize("how", ["exit", "KILL"])
 def test_mpiexec_dead_rank(how: str) -> None:
     # MPICH's mpiexec ends the whole job itself when one process exits badly.
-    rc, out, elapsed = _run(_mpiexec(*DIE, "--die-signal", how), 80)
+    rc, out, elapsed = run_cmd(_mpiexec(*DIE, "--die-signal", how), 80)
     _assert_lost(rc, out, elapsed, 20, "probe: rank 1 dies")
 
 
@@ -142,14 +118,14 @@ def test_mpiexec_dead_rank_reported_without_auto_cleanup() -> None:
     # Without mpiexec's clean-up the survivor's guard reports the loss and calls MPI_Abort,
     # which ends mpiexec (else it would wait in MPI_Finalize). mpiexec's own "MPI_Abort" line
     # is not asserted: the abort races with mpiexec forwarding the last output.
-    rc, out, elapsed = _run(_mpiexec(*DIE, flags=("-disable-auto-cleanup",)), 80)
+    rc, out, elapsed = run_cmd(_mpiexec(*DIE, flags=("-disable-auto-cleanup",)), 80)
     _assert_lost(rc, out, elapsed, 20, "halo: rank 0 sees: rank 1 lost")
     assert "halo: ending the job" in out, out
 
 
 @pytest.mark.timeout(90)
 def test_mpiexec_hung_rank() -> None:
-    rc, out, elapsed = _run(_mpiexec(*HANG), 80)
+    rc, out, elapsed = run_cmd(_mpiexec(*HANG), 80)
     assert elapsed > HANG_TIMEOUT_S, out
     _assert_lost(rc, out, elapsed, HANG_TIMEOUT_S, "rank 1 alive but not responding")
 
@@ -157,12 +133,12 @@ def test_mpiexec_hung_rank() -> None:
 @pytest.mark.slurm
 @pytest.mark.timeout(120)
 def test_srun_dead_rank(slurm_cluster: Path) -> None:  # noqa: F811
-    rc, out, elapsed = _run(_srun(*DIE), 110)
+    rc, out, elapsed = run_cmd(_srun(*DIE), 110)
     _assert_lost(rc, out, elapsed, 20, "task 1: Exited with exit code 1")
 
 
 @pytest.mark.slurm
 @pytest.mark.timeout(120)
 def test_srun_hung_rank(slurm_cluster: Path) -> None:  # noqa: F811
-    rc, out, elapsed = _run(_srun(*HANG), 110)
+    rc, out, elapsed = run_cmd(_srun(*HANG), 110)
     _assert_lost(rc, out, elapsed, HANG_TIMEOUT_S, "rank 1 alive but not responding")

@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,19 +20,14 @@ import pytest
 import torch
 
 try:
-    from tests.slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
+    from tests.launch_helpers import BIN, PY, REPO, TORCHRUN, clean_env, need_mpiexec, run_cmd
+    from tests.launch_helpers import slurm_cluster  # noqa: F401 - the fixture
 except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less import mode)
-    from slurm_cluster import slurm_cluster  # type: ignore[no-redef]  # noqa: F401
+    from launch_helpers import BIN, PY, REPO, TORCHRUN, clean_env, need_mpiexec, run_cmd  # type: ignore[no-redef]
+    from launch_helpers import slurm_cluster  # type: ignore[no-redef]  # noqa: F401
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-BIN = Path(PY).parent
-MPIEXEC = BIN / "mpiexec"
 SUBMIT = [str(BIN / "halo-submit")] if (BIN / "halo-submit").exists() else [PY, "-m", "launch.submit"]
-TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 START_S = 40.0  # interpreter + torch import + rendezvous, on a loaded 2-CPU machine
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-_LAUNCHER_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "SUBMITIT_", "TORCHELASTIC_")
 
 
 @pytest.fixture(scope="session")
@@ -46,20 +40,6 @@ def cohort(tmp_path_factory) -> Path:
 def _tiny(cohort: Path, epochs: int, *extra: str) -> list[str]:
     return ["data=csv", f"data.csv={cohort}", "data.classes=[normal,tumour]", "data.mpp=1.0",
             f"train.epochs={epochs}", "train.progress=false", "train.threads=1", *extra]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    """This environment without any launcher's variables (pytest may itself run under one)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCHER_VARS and not k.startswith(_LAUNCHER_PREFIXES)}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env | extra
-
-
-def _run(cmd: list[str], limit: float, cwd: Path = REPO, **extra: str) -> tuple[int, str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=cwd, env=_env(**extra))
-    return proc.returncode, proc.stdout + proc.stderr
 
 
 def _epochs(run_dir: Path) -> list[int]:
@@ -135,9 +115,9 @@ def test_checkpoint_requeues_with_resume(tmp_path: Path, monkeypatch) -> None:
 @pytest.mark.timeout(420)
 def test_halo_submit_slurm(slurm_cluster: Path, cohort: Path, tmp_path: Path) -> None:  # noqa: F811
     run_dir = tmp_path / "z"
-    rc, out = _run([*SUBMIT, "launcher=slurm", "launcher.nodes=1", "launcher.tasks_per_node=2",
-                    "launcher.cpus_per_task=1", "launcher.timeout_min=10", "launcher.poll_s=1",
-                    *_tiny(cohort, 2), f"hydra.run.dir={run_dir}"], 400)
+    rc, out, _ = run_cmd([*SUBMIT, "launcher=slurm", "launcher.nodes=1", "launcher.tasks_per_node=2",
+                         "launcher.cpus_per_task=1", "launcher.timeout_min=10", "launcher.poll_s=1",
+                         *_tiny(cohort, 2), f"hydra.run.dir={run_dir}"], 400)
     assert rc == 0, out
     job = _job_id(out)
     assert f"logs in {run_dir / 'submitit' / job}" in out, out
@@ -155,7 +135,7 @@ def test_sbatch_template_trains(slurm_cluster: Path, cohort: Path, tmp_path: Pat
     cmd = ["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
            "--cpus-per-task=1", "--time=10", f"--output={tmp_path}/slurm-%j.out",
            str(REPO / "slurm" / "halo.sbatch"), *_tiny(cohort, 1)]
-    rc, out = _run(cmd, 400, HALO_PYTHON=PY, HALO_RUN_DIR=str(run_dir))
+    rc, out, _ = run_cmd(cmd, 400, HALO_PYTHON=PY, HALO_RUN_DIR=str(run_dir))
     logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert rc == 0, out + logs
     _check_run(run_dir, 1, out + logs)
@@ -172,7 +152,7 @@ def test_slurm_requeue_resumes_from_checkpoint(slurm_cluster: Path, cohort: Path
         proc = subprocess.Popen(
             [*SUBMIT, "launcher=slurm", "launcher.nodes=1", "launcher.tasks_per_node=2", "launcher.cpus_per_task=1",
              "launcher.timeout_min=10", "launcher.poll_s=1", *_tiny(cohort, epochs), f"hydra.run.dir={run_dir}"],
-            cwd=REPO, env=_env(), stdout=fh, stderr=subprocess.STDOUT, text=True)
+            cwd=REPO, env=clean_env(), stdout=fh, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and not (run_dir / "checkpoints" / "last.pt").is_file():
@@ -215,11 +195,10 @@ def test_slurm_requeue_resumes_from_checkpoint(slurm_cluster: Path, cohort: Path
 
 @pytest.mark.timeout(300)
 def test_mpiexec_trains(cohort: Path, tmp_path: Path) -> None:
-    if not MPIEXEC.exists():
-        pytest.skip(f"no mpiexec beside {PY} (the mpich wheel provides it)")
+    mpiexec = need_mpiexec()
     # relative run dir, as in DESIGN.md: both ranks must resolve it to the same directory
-    rc, out = _run([str(MPIEXEC), "-n", "2", PY, "-m", "halo.train", *_tiny(cohort, 1), "hydra.run.dir=runs/y"],
-                   280, cwd=tmp_path)
+    rc, out, _ = run_cmd([str(mpiexec), "-n", "2", PY, "-m", "halo.train", *_tiny(cohort, 1), "hydra.run.dir=runs/y"],
+                        280, cwd=tmp_path)
     assert rc == 0, out
     _check_run(tmp_path / "runs" / "y", 1, out)
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["y"]
@@ -228,8 +207,8 @@ def test_mpiexec_trains(cohort: Path, tmp_path: Path) -> None:
 @pytest.mark.timeout(300)
 def test_halo_submit_local_two_tasks(cohort: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "l"
-    rc, out = _run([*SUBMIT, "launcher=local", "launcher.tasks_per_node=2", "launcher.poll_s=0.5",
-                    *_tiny(cohort, 2), f"hydra.run.dir={run_dir}"], 280)
+    rc, out, _ = run_cmd([*SUBMIT, "launcher=local", "launcher.tasks_per_node=2", "launcher.poll_s=0.5",
+                         *_tiny(cohort, 2), f"hydra.run.dir={run_dir}"], 280)
     assert rc == 0, out
     job = _job_id(out)
     for rank in (0, 1):
@@ -262,7 +241,7 @@ def test_halo_submit_local_preempted_job_resumes(cohort: Path, tmp_path: Path) -
         proc = subprocess.Popen(
             [*SUBMIT, "launcher=local", "launcher.tasks_per_node=2", "launcher.poll_s=0.5",
              *_tiny(cohort, epochs), f"hydra.run.dir={run_dir}"],
-            cwd=REPO, env=_env(), stdout=fh, stderr=subprocess.STDOUT, text=True)
+            cwd=REPO, env=clean_env(), stdout=fh, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not (run_dir / "checkpoints" / "last.pt").is_file():
@@ -285,14 +264,14 @@ def test_halo_submit_local_preempted_job_resumes(cohort: Path, tmp_path: Path) -
 @pytest.mark.timeout(200)
 def test_halo_submit_reports_a_failed_job(tmp_path: Path) -> None:
     # a world of 1 cannot hold a 2 x 1 mesh: refused before anything is submitted
-    rc, out = _run([*SUBMIT, "launcher=local", "launcher.tasks_per_node=1", "mesh=2x1",
-                    f"hydra.run.dir={tmp_path / 'm'}"], 120)
+    rc, out, _ = run_cmd([*SUBMIT, "launcher=local", "launcher.tasks_per_node=1", "mesh=2x1",
+                         f"hydra.run.dir={tmp_path / 'm'}"], 120)
     assert rc == 2 and "not a multiple of mesh.rows x mesh.cols = 2" in out, out
     assert not (tmp_path / "m" / "submitit").exists()
     # a task that fails: halo-submit exits non-zero with the task's error
-    rc, out = _run([*SUBMIT, "launcher=local", "launcher.tasks_per_node=1", "launcher.poll_s=0.5", "mesh=1x1",
-                    "data=csv", f"data.csv={tmp_path}/none.csv", "data.classes=[normal,tumour]",
-                    "train.epochs=1", f"hydra.run.dir={tmp_path / 'f'}"], 180)
+    rc, out, _ = run_cmd([*SUBMIT, "launcher=local", "launcher.tasks_per_node=1", "launcher.poll_s=0.5", "mesh=1x1",
+                         "data=csv", f"data.csv={tmp_path}/none.csv", "data.classes=[normal,tumour]",
+                         "train.epochs=1", f"hydra.run.dir={tmp_path / 'f'}"], 180)
     assert rc == 1, out
     assert "halo-submit: local job" in out and "failed" in out, out
     assert "none.csv" in out.split("failed", 1)[1], out  # the task's error, in the report
@@ -324,7 +303,7 @@ def test_killed_rank_ends_torchrun_job_and_keeps_checkpoint(cohort: Path, tmp_pa
         proc = subprocess.Popen(
             [*TORCHRUN, "-m", "halo.train", *_tiny(cohort, 50), f"dist.timeout_s={timeout_s}",
              f"hydra.run.dir={run_dir}"],
-            cwd=REPO, env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=REPO, env=clean_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not (run_dir / "checkpoints" / "last.pt").is_file():

@@ -236,9 +236,10 @@ def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, ste
     """Median seconds of a training step (forward, backward) after one warm-up, slowest rank.
 
     Also the median seconds this rank spends blocked in halo p2p waits (``wait``), and
-    posting them (``post``), per step, and how many times per step the ranks synchronise
-    (``syncs``: p2p batches plus collectives). ``overlap`` sets ``HaloConv2d.overlap``
-    where the layer has it.
+    posting them (``post``), per step, how many times per step the ranks synchronise
+    (``syncs``: p2p batches plus collectives), and the CPU seconds of the step spent by this
+    rank's main thread (``main_cpu``) and by its other threads (``other_cpu``: gloo's
+    communication threads). ``overlap`` sets ``HaloConv2d.overlap`` where the layer has it.
     """
     import torch
     import torch.distributed as dist
@@ -259,19 +260,20 @@ def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, ste
         return [_TimedWork(wk, wait) for wk in works]
 
     dist.batch_isend_irecv = timed
-    times, waits, posts, syncs = [], [], [], []
+    times, waits, posts, syncs, mains, others = [], [], [], [], [], []
     try:
         for i in range(steps + 1):
             dist.barrier()
             wait[0] = post[0] = 0.0
             collectives, undo = _count_collectives()
             batches[0] = 0
-            t0 = time.perf_counter()
+            t0, main0, proc0 = time.perf_counter(), time.thread_time(), time.process_time()
             try:
                 model(x).sum().backward()
             finally:
                 undo()
             model.zero_grad(set_to_none=True)
+            main, other = time.thread_time() - main0, time.process_time() - proc0
             t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             if i:
@@ -279,10 +281,13 @@ def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, ste
                 waits.append(wait[0])
                 posts.append(post[0])
                 syncs.append(batches[0] + collectives[0])
+                mains.append(main)
+                others.append(other - main)
     finally:
         dist.batch_isend_irecv = real
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return {"step": med(times), "wait": med(waits), "post": med(posts), "syncs": med(syncs)}
+    return {"step": med(times), "wait": med(waits), "post": med(posts), "syncs": med(syncs), "main_cpu": med(mains),
+            "other_cpu": med(others)}
 
 
 def sync_latency(repeats: int = 200) -> dict[str, float]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from halo.data.synth import write_pyramid
 
-__all__ = ["GLASS", "noise_slide_image", "write_slide", "write_csv", "corrupt_tiles"]
+__all__ = ["GLASS", "noise_slide_image", "write_slide", "write_aperio", "write_csv", "corrupt_tiles"]
 
 GLASS = 250
 
@@ -37,6 +37,34 @@ def noise_slide_image(
 def write_slide(path: Path, image: np.ndarray, mpp: float | None = 0.5, levels: int = 3, tile: int = 64) -> Path:
     """Write ``image`` as a pyramidal tiled TIFF (2x levels) and return its path."""
     write_pyramid(path, image, mpp=mpp, levels=levels, tile=tile)
+    return path
+
+
+def _box_down(img: np.ndarray, f: int) -> np.ndarray:
+    h, w = img.shape[0] // f, img.shape[1] // f
+    return np.rint(img[: h * f, : w * f].reshape(h, f, w, f, 3).mean(axis=(1, 3))).astype(np.uint8)
+
+
+def write_aperio(path: Path, image: np.ndarray, mpp: float = 0.25, levels: int = 3, tile: int = 64) -> Path:
+    """Write ``image`` in Aperio's SVS layout: a tiled level 0 whose ImageDescription carries
+    ``AppMag`` and ``MPP`` (no TIFF resolution tags), a stripped thumbnail as the second
+    directory, then 4x-downsampled tiled levels, and a label image last. Return the path."""
+    import tifffile
+
+    h, w = image.shape[:2]
+    head = "Aperio Image Library v12.0.16\r\n"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(image, tile=(tile, tile), compression="zlib", photometric="rgb", metadata=None,
+                 description=f"{head}{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) RAW|AppMag = 20|MPP = {mpp}|Filename = t")
+        thumb = _box_down(image, 8)
+        tw.write(thumb, photometric="rgb", metadata=None,
+                 description=f"{head}{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]} - |AppMag = 20|MPP = {mpp}")
+        for lv in range(1, levels):
+            level = _box_down(image, 4**lv)
+            tw.write(level, tile=(tile, tile), compression="zlib", photometric="rgb", metadata=None, subfiletype=1,
+                     description=f"{head}{w}x{h} -> {level.shape[1]}x{level.shape[0]} RAW|AppMag = 20|MPP = {mpp}")
+        label = np.full((64, 96, 3), 200, np.uint8)
+        tw.write(label, photometric="rgb", metadata=None, subfiletype=1, description=f"{head}label 96x64")
     return path
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import GLASS, corrupt_tiles, noise_slide_image, write_slide
+from data_fixtures import GLASS, corrupt_tiles, noise_slide_image, write_aperio, write_slide
 
 import halo.data as hd
 from halo.data.augment import AugmentSpec
@@ -76,6 +76,32 @@ def test_level_and_mpp_selection(slide_path: Path) -> None:
     assert str(slide_path) in str(ei.value)
     with pytest.raises(hd.SlideResolutionError, match="out of range"):
         hd.plan_region(slide_path, level=7, multiple=8)
+
+
+def test_aperio_svs_layout(tmp_path: Path) -> None:
+    """SVS: mpp from the ImageDescription, a thumbnail directory between the levels, 4x levels."""
+    import openslide
+
+    image = noise_slide_image(512, 384, seed=3, tissue=(40, 30, 400, 300))
+    path = write_aperio(tmp_path / "case.svs", image, mpp=0.25, levels=3)
+    with hd.open_slide(path) as slide:
+        assert slide.properties["openslide.vendor"] == "aperio"
+        assert slide.mpp == pytest.approx(0.25)
+        assert slide.level_downsamples == pytest.approx((1.0, 4.0, 16.0))
+    expect = {0.25: (0, 1.0), 0.5: (0, 0.5), 1.0: (1, 1.0), 2.0: (1, 0.5), 4.0: (2, 1.0)}  # scale: out px per level px
+    osr = openslide.OpenSlide(str(path))
+    for mpp, (level, scale) in expect.items():
+        plan = hd.plan_region(path, grid=(2, 2), multiple=8, mpp=mpp, tissue=hd.TissueOptions(enabled=False))
+        assert (plan.level, plan.scale) == (level, pytest.approx(scale)), mpp
+        full = hd.read_full(plan)
+        np.testing.assert_array_equal(_blocks(plan), full)
+        if scale == 1.0:  # no resampling: the content is OpenSlide's own pixels at that level
+            (cx, cy), (cw, ch) = plan.content
+            ds = osr.level_downsamples[level]
+            want = np.asarray(osr.read_region((int(cx * ds), int(cy * ds)), level, (cw, ch)).convert("RGB"))
+            y, x = cy - plan.origin[1], cx - plan.origin[0]
+            np.testing.assert_array_equal(full[y : y + ch, x : x + cw], want)
+    osr.close()
 
 
 def test_no_mpp_needs_level(tmp_path: Path) -> None:

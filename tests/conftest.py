@@ -8,6 +8,13 @@ from distributed import ProcessPool
 
 
 @pytest.fixture(scope="session")
+def pool1():
+    pool = ProcessPool(1)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
 def pool2():
     pool = ProcessPool(2)
     yield pool

@@ -25,6 +25,15 @@ def test_layer_two_ranks(pool2, name: str, train: bool) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_layers_on_one_rank(pool1) -> None:
+    """A 1x1 mesh in a world of one: halo's layers take their single-rank paths (native
+    padding, batch norm's fused training backward) and still give the one-device numbers."""
+    for name in sorted(LAYERS):
+        for train in (True, False):
+            assert_exact(pool1.run(run_layer, name, 1, 1, train, 16, 12))
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_four_ranks(pool4, name: str) -> None:
     # 2x2; 4x1 (deep, thin blocks); 1x2 with two images (data axis of 2). Random layers are

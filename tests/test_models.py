@@ -44,6 +44,13 @@ def test_model_deep_thin_blocks(pool4, name: str) -> None:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_model_one_rank(pool1, name: str) -> None:
+    """A 1x1 mesh in a world of one (halo's single-rank paths) against plain torch, 3 SGD steps."""
+    assert_exact(pool1.run(run_model, name, 1, 1, True, 3, 0.1, timeout=500))
+
+
+@pytest.mark.timeout(600)
 def test_optimizer_steps_match(pool4) -> None:
     """Three SGD steps on 2x2 leave the same weights and BN buffers as on one device."""
     assert_exact(pool4.run(run_model, "resnet18", 2, 2, True, 3, 0.1, timeout=500))

@@ -10,17 +10,9 @@ import torch.distributed as dist
 import torchvision
 
 import halo
-from distributed import ProcessPool
 from halo.plan import main, measure_saved_bytes, plan, plan_model
 
 TOL = 0.10  # the goal; on these cases the arithmetic is exact
-
-
-@pytest.fixture(scope="module")
-def pool1():
-    pool = ProcessPool(1)
-    yield pool
-    pool.close()
 
 
 def _model(name: str) -> torch.nn.Module:

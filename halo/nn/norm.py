@@ -7,7 +7,8 @@ combined with Chan's parallel formula (no catastrophic cancellation). Backward: 
 all-gather of ``(sum dy, sum dy * xhat)``, summed locally in rank order (on gloo an
 all-gather is one round trip where an all-reduce takes several; see ``_collectives``). The element-wise work runs in torch's fused
 batch-norm kernels. Parameter gradients stay local, so
-averaging them over ranks gives the one-device gradient. Eval mode is purely local.
+averaging them over ranks gives the one-device gradient. Eval mode, and training in a
+world of one rank, are plain ``nn.BatchNorm2d``.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class HaloBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         self._check_input_dim(x)
         use_batch_stats = self.training or self.running_mean is None
-        if not use_batch_stats:
+        if not use_batch_stats or dist.get_world_size() == 1:  # eval, or the whole batch is on this rank
             return super().forward(x)
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

@@ -36,7 +36,11 @@ def is_global_size(output_size) -> bool:
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """All-reduce sum whose backward is again an all-reduce sum (its adjoint)."""
+    """Sum over ranks whose backward is again a sum over ranks (its adjoint).
+
+    Both directions gather and sum in rank order (:func:`sum_over_ranks`): for these
+    ``(N, C)``-sized tensors one all-gather is faster than an all-reduce on gloo.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]

@@ -25,7 +25,7 @@ from typing import Any
 
 __all__ = [
     "run_ranks", "machine", "write_section", "measure_step", "timed_steps", "RESULTS", "count_sends",
-    "markdown_table", "parser", "sync_latency",
+    "markdown_table", "parser", "report", "sync_latency",
 ]
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -128,6 +128,13 @@ def write_section(name: str, body: str, argv: list[str] | None = None) -> None:
     else:
         text = text.rstrip() + "\n\n" + block
     RESULTS.write_text(text)
+
+
+def report(name: str, text: str, intro: str, quick: bool, argv: list[str] | None) -> None:
+    """Print ``text``; unless ``quick``, make it section ``name`` of RESULTS.md after ``intro``."""
+    print(text)
+    if not quick:
+        write_section(name, intro.rstrip("\n") + "\n\n" + text, argv if argv is not None else sys.argv[1:])
 
 
 def count_sends():

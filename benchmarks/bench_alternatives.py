@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import _rss, _setup, markdown_table, parser, run_ranks, write_section  # noqa: E402
+from _common import _rss, _setup, markdown_table, parser, run_ranks, report  # noqa: E402
 
 __all__ = ["main", "dtensor_conv", "checkpointed_step"]
 
@@ -160,13 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{ck_act / 1e6:.0f}"],
                    ["halo 1x2", 2, f"{sharded['step']:.3f}", "-", f"{halo_act / 1e6:.0f}"]])]
     text = "\n".join(lines)
-    print(text)
-    if not a.quick:
-        body = ("## 5. Alternatives\n\nDTensor rows: `F.conv2d` on a `Shard(3)` input with replicated weights "
-                "(torch's `_tp_conv.py`); errors are of the local shards gathered along W, because the output's "
-                "claimed placement is not what the shards hold where it says `Replicate()`. `none` means no input "
-                "gradient came back.\n\n" + text)
-        write_section("bench_alternatives", body, argv if argv is not None else sys.argv[1:])
+    report("bench_alternatives", text, quick=a.quick, argv=argv, intro=(
+        "## 5. Alternatives\n\nDTensor rows: `F.conv2d` on a `Shard(3)` input with replicated weights "
+        "(torch's `_tp_conv.py`); errors are of the local shards gathered along W, because the output's "
+        "claimed placement is not what the shards hold where it says `Replicate()`. `none` means no input "
+        "gradient came back.\n\n"))
     return {"convs": convs, "plain": plain, "checkpointed": ck, "halo": sharded}
 
 

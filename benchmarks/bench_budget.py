@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import _setup, markdown_table, parser, run_ranks, write_section  # noqa: E402
+from _common import _setup, markdown_table, parser, run_ranks, report  # noqa: E402
 
 __all__ = ["main", "largest_side", "forward_saved"]
 
@@ -85,14 +85,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text = markdown_table(["setup", "checkpointing", "largest square image",
                            "pixels x one process (same checkpointing)", "planned MB / rank", "measured MB / rank"],
                           cells)
-    print(text)
-    if not a.quick:
-        body = (f"## 4. Largest image within {budget / 1e6:.0f} MB per rank\n\n{model}, batch 1, float32; the budget "
-                "holds activations saved for backward plus float32 parameters, gradients and two AdamW states "
-                "(no CUDA workspace on CPU). *Measured* adds the bytes autograd saved in one real forward at that "
-                "side (slowest rank) to the same parameter state; checkpointed rows are planned only (see the "
-                "script's docstring).\n\n" + text)
-        write_section("bench_budget", body, argv if argv is not None else sys.argv[1:])
+    report("bench_budget", text, quick=a.quick, argv=argv, intro=(
+        f"## 4. Largest image within {budget / 1e6:.0f} MB per rank\n\n{model}, batch 1, float32; the budget "
+        "holds activations saved for backward plus float32 parameters, gradients and two AdamW states "
+        "(no CUDA workspace on CPU). *Measured* adds the bytes autograd saved in one real forward at that "
+        "side (slowest rank) to the same parameter state; checkpointed rows are planned only (see the "
+        "script's docstring).\n\n"))
     return rows
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import markdown_table, measure_step, parser, run_ranks, write_section  # noqa: E402
+from _common import markdown_table, measure_step, parser, run_ranks, report  # noqa: E402
 
 __all__ = ["main", "MESHES"]
 
@@ -70,15 +70,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     meshes = [(1, 2)] if a.quick else MESHES
     rows = [r for m in models for s in sizes for r in rows_for(m, s, a.batch, meshes)]
     text = table(rows)
-    print(text)
-    if not a.quick:
-        body = ("## 1. Activation memory per rank\n\nOne training step (batch "
-                f"{a.batch}, float32, one thread per rank). *Saved* is what autograd keeps for backward "
-                "(`saved_tensors_hooks`, each storage once, parameters excluded); *halo-plan* is "
-                "`halo.plan.plan(...).activation_bytes_per_rank`; the overhead column is saved per rank x P over "
-                "plain torch in one process (goal <= 1.10). Peak RSS increase is `ru_maxrss` after the step minus "
-                "RSS before it (includes gradients, workspace and allocator slack).\n\n" + text)
-        write_section("bench_memory", body, argv if argv is not None else sys.argv[1:])
+    report("bench_memory", text, quick=a.quick, argv=argv, intro=(
+        "## 1. Activation memory per rank\n\nOne training step (batch "
+        f"{a.batch}, float32, one thread per rank). *Saved* is what autograd keeps for backward "
+        "(`saved_tensors_hooks`, each storage once, parameters excluded); *halo-plan* is "
+        "`halo.plan.plan(...).activation_bytes_per_rank`; the overhead column is saved per rank x P over "
+        "plain torch in one process (goal <= 1.10). Peak RSS increase is `ru_maxrss` after the step minus "
+        "RSS before it (includes gradients, workspace and allocator slack).\n\n"))
     return rows
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import parser, write_section  # noqa: E402
+from _common import parser, report  # noqa: E402
 
 __all__ = ["main", "CASES"]
 
@@ -41,13 +41,11 @@ def main(argv: list[str] | None = None) -> str:
             halo_plan(case)
         parts.append(f"```\n$ halo-plan {' '.join(case)}\n{buf.getvalue().rstrip()}\n```")
     text = "\n\n".join(parts)
-    print(text)
-    if not a.quick:
-        body = ("## halo-plan: a 100,000 x 100,000 slide at 0.5 mpp on 8x8 H100s\n\nA 50 x 50 mm field, padded to "
-                "the mesh multiple (8 x 32 pixels), cut into 64 blocks. Parameters, gradients and AdamW states in "
-                "float32; activations in bfloat16; `total_bytes_per_rank` adds a workspace of twice the largest "
-                "layer output plus 1 GiB.\n\n" + text)
-        write_section("bench_plan", body, argv if argv is not None else sys.argv[1:])
+    report("bench_plan", text, quick=a.quick, argv=argv, intro=(
+        "## halo-plan: a 100,000 x 100,000 slide at 0.5 mpp on 8x8 H100s\n\nA 50 x 50 mm field, padded to "
+        "the mesh multiple (8 x 32 pixels), cut into 64 blocks. Parameters, gradients and AdamW states in "
+        "float32; activations in bfloat16; `total_bytes_per_rank` adds a workspace of twice the largest "
+        "layer output plus 1 GiB.\n\n"))
     return text
 
 

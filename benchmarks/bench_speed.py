@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import markdown_table, parser, run_ranks, sync_latency, timed_steps, write_section  # noqa: E402
+from _common import markdown_table, parser, run_ranks, sync_latency, timed_steps, report  # noqa: E402
 
 __all__ = ["main"]
 
@@ -101,23 +101,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     latency = run_ranks(sync_latency, 2, 20 if a.quick else 200)[0]
     rows = [r for s in sizes for r in measure(a.model, s, [(1, 2)] if a.quick else meshes, steps, a.batch)]
     text = table(a.model, rows) + "\n\n" + floor_text(latency, rows)
-    print(text)
-    if not a.quick:
-        body = ("## 3. Parallel efficiency\n\nForward + backward, batch "
-                f"{a.batch}, float32, median of {steps} steps after one warm-up, one thread per process. "
-                "`t1` is plain torch in one process; halo rows are the slowest rank. *Syncs* counts the times "
-                "per step a rank waits for others (p2p batches and collectives). *Halo wait* is the time a rank "
-                "is blocked in p2p `wait()` per step; *post* is the time spent posting `batch_isend_irecv`. "
-                "*Main-thread CPU* is the CPU time of the rank's Python thread in the step (the rest of the "
-                "step it is blocked); *comm-thread CPU* is the CPU time of its other threads (gloo's), "
-                "taken from the same two cores. "
-                "The control row runs two plain one-process jobs at once (t1 / t_concurrent: what the machine "
-                "allows two busy processes). The *plain torch on one block* rows run one process on an image "
-                "the size of one block, with no communication: the efficiency P ranks would reach if "
-                "synchronising were free. *Overlap on* computes the halo-free inside of each convolution while "
-                "its halo travels (forward) and the weight gradient while the input-gradient halo travels "
-                "back (backward).\n\n" + text)
-        write_section("bench_speed", body, argv if argv is not None else sys.argv[1:])
+    report("bench_speed", text, quick=a.quick, argv=argv, intro=(
+        "## 3. Parallel efficiency\n\nForward + backward, batch "
+        f"{a.batch}, float32, median of {steps} steps after one warm-up, one thread per process. "
+        "`t1` is plain torch in one process; halo rows are the slowest rank. *Syncs* counts the times "
+        "per step a rank waits for others (p2p batches and collectives). *Halo wait* is the time a rank "
+        "is blocked in p2p `wait()` per step; *post* is the time spent posting `batch_isend_irecv`. "
+        "*Main-thread CPU* is the CPU time of the rank's Python thread in the step (the rest of the "
+        "step it is blocked); *comm-thread CPU* is the CPU time of its other threads (gloo's), "
+        "taken from the same two cores. "
+        "The control row runs two plain one-process jobs at once (t1 / t_concurrent: what the machine "
+        "allows two busy processes). The *plain torch on one block* rows run one process on an image "
+        "the size of one block, with no communication: the efficiency P ranks would reach if "
+        "synchronising were free. *Overlap on* computes the halo-free inside of each convolution while "
+        "its halo travels (forward) and the weight gradient while the input-gradient halo travels "
+        "back (backward).\n\n"))
     return rows
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import markdown_table, measure_step, parser, run_ranks, write_section  # noqa: E402
+from _common import markdown_table, measure_step, parser, run_ranks, report  # noqa: E402
 
 __all__ = ["main"]
 
@@ -61,14 +61,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     models, sizes, meshes = (["resnet18"], [64], [(1, 2)]) if a.quick else (a.models, a.sizes, MESHES)
     rows = [measure(m, s, r, c, a.batch) for m in models for s in sizes for r, c in meshes]
     text = table(rows)
-    print(text)
-    if not a.quick:
-        body = ("## 2. Halo traffic per step\n\nBytes each rank passes to `isend` in one forward + backward "
-                f"(batch {a.batch}, float32), against the two-phase volume halo-plan predicts "
-                "(`halo_bytes_per_step_per_rank`, a mean over ranks; goal: within 5%). Edge ranks send less "
-                "than interior ones, hence the min - max column. Batch-norm and global-pooling collectives are "
-                "not halo traffic and are not counted.\n\n" + text)
-        write_section("bench_traffic", body, argv if argv is not None else sys.argv[1:])
+    report("bench_traffic", text, quick=a.quick, argv=argv, intro=(
+        "## 2. Halo traffic per step\n\nBytes each rank passes to `isend` in one forward + backward "
+        f"(batch {a.batch}, float32), against the two-phase volume halo-plan predicts "
+        "(`halo_bytes_per_step_per_rank`, a mean over ranks; goal: within 5%). Edge ranks send less "
+        "than interior ones, hence the min - max column. Batch-norm and global-pooling collectives are "
+        "not halo traffic and are not counted.\n\n"))
     return rows
 
 

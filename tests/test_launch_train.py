@@ -65,6 +65,14 @@ def _job_id(output: str) -> str:
     return m.group(1)
 
 
+def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, log: Path, limit: float, poll: float) -> None:
+    """Wait (at most ``limit`` s) for the run's first ``last.pt``; fail with the log if ``proc`` ends first."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and not (run_dir / "checkpoints" / "last.pt").is_file():
+        assert proc.poll() is None, log.read_text()
+        time.sleep(poll)
+
+
 # ---- the requeue hook, without a cluster -------------------------------------------------------
 
 
@@ -154,10 +162,7 @@ def test_slurm_requeue_resumes_from_checkpoint(slurm_cluster: Path, cohort: Path
              "launcher.timeout_min=10", "launcher.poll_s=1", *_tiny(cohort, epochs), f"hydra.run.dir={run_dir}"],
             cwd=REPO, env=clean_env(), stdout=fh, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and not (run_dir / "checkpoints" / "last.pt").is_file():
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.2)
+        _wait_for_checkpoint(proc, run_dir, log, 400, 0.2)
         job = _job_id(log.read_text())
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
         # A requeued job waits for its BeginTime (about two minutes) so that its new launch credential
@@ -243,10 +248,7 @@ def test_halo_submit_local_preempted_job_resumes(cohort: Path, tmp_path: Path) -
              *_tiny(cohort, epochs), f"hydra.run.dir={run_dir}"],
             cwd=REPO, env=clean_env(), stdout=fh, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (run_dir / "checkpoints" / "last.pt").is_file():
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
+        _wait_for_checkpoint(proc, run_dir, log, 240, 0.1)
         tasks = _local_tasks(_job_id(log.read_text()))
         assert len(tasks) == 2, tasks
         for pid in tasks:
@@ -305,10 +307,7 @@ def test_killed_rank_ends_torchrun_job_and_keeps_checkpoint(cohort: Path, tmp_pa
              f"hydra.run.dir={run_dir}"],
             cwd=REPO, env=clean_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (run_dir / "checkpoints" / "last.pt").is_file():
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
+        _wait_for_checkpoint(proc, run_dir, log, 240, 0.1)
         victim = _child_with_rank(proc.pid, 1)
         assert victim is not None, log.read_text()
         os.kill(victim, signal.SIGKILL)

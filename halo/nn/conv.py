@@ -4,8 +4,8 @@ Forward (numbered as in the code): 1. receive halo strips, 2. rebuild the extend
 3. run the convolution with padding 0, 4. save only the block and the thin strips.
 Backward rebuilds the extended block, runs the convolution backward, and returns the halo
 part of the input gradient to its owners (:func:`halo.exchange.adjoint`); with ``overlap``
-the input gradient comes first and the weight gradient is computed while its halo travels. The block is the
-same tensor the previous layer saved, so no second full copy is kept.
+the input gradient comes first and the weight gradient is computed while its halo travels.
+The block is the same tensor the previous layer saved, so no second full copy is kept.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ class _HaloConv2dFn(torch.autograd.Function):
             gw, gb = wb
         else:
             gi, gw, gb = grads([need_x, need_w, need_b])
+            ext = None  # free the extended block before the exchange
             gx = adjoint(gi, spec, x.shape, mesh) if need_x else None
-        del ext
         return gx, gw, gb if has_bias else None, None, None, None, None, None, None, None
 
 

@@ -5,10 +5,10 @@ data group), exactly as one device computes them over the full ``(N, C, H, W)`` 
 Forward: local mean and variance, one all-gather of ``(count, mean, var)`` per layer,
 combined with Chan's parallel formula (no catastrophic cancellation). Backward: one
 all-gather of ``(sum dy, sum dy * xhat)``, summed locally in rank order (on gloo an
-all-gather is one round trip where an all-reduce takes several; see ``_collectives``). The element-wise work runs in torch's fused
-batch-norm kernels. Parameter gradients stay local, so
-averaging them over ranks gives the one-device gradient. Eval mode, and training in a
-world of one rank, are plain ``nn.BatchNorm2d``.
+all-gather is one round trip where an all-reduce takes several; see ``_collectives``).
+The element-wise work runs in torch's fused batch-norm kernels. Parameter gradients stay
+local, so averaging them over ranks gives the one-device gradient. Eval mode, and
+training in a world of one rank, are plain ``nn.BatchNorm2d``.
 """
 
 from __future__ import annotations

@@ -34,19 +34,19 @@ def _check_ceil_mode(name: str, what: str, kernel, stride, padding, dilation=1) 
 
 
 class _HaloMaxPool2dFn(torch.autograd.Function):
-    """Max pooling with halos that keeps the block and thin strips, not an extended copy.
+    """Max pooling with halos that saves only the indices of the maxima.
 
-    Plain ``max_pool2d`` would save the halo-extended input although the block itself is
-    already saved by the layer before. Backward needs only the indices of the maxima, so
-    it saves them and the strips' shapes, and rebuilds nothing.
+    Plain ``max_pool2d`` would save the halo-extended input too, but its backward reads
+    only that input's shape: backward spreads the gradient over a stand-in of that shape.
     """
 
     @staticmethod
     def forward(ctx, x, spec: HaloSpec, padding, kernel, stride, dilation, mesh: SpatialMesh):  # type: ignore[override]
         rows, cols, _ = halo_strips(x, spec, mesh)
-        out, indices = F.max_pool2d(assemble(x, rows, cols, spec), kernel, stride, padding, dilation, False, True)
+        ext = assemble(x, rows, cols, spec)
+        out, indices = F.max_pool2d(ext, kernel, stride, padding, dilation, False, True)
         ctx.save_for_backward(indices)
-        ctx.shape = x.shape
+        ctx.shape, ctx.ext_shape = x.shape, ext.shape
         ctx.conf = (spec, padding, kernel, stride, dilation, mesh)
         return out
 
@@ -56,12 +56,8 @@ class _HaloMaxPool2dFn(torch.autograd.Function):
         spec, padding, kernel, stride, dilation, mesh = ctx.conf
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None
-        # the kernel reads only the input's shape (the indices say where each maximum was):
-        # a zero-stride stand-in of the extended block's shape saves rebuilding it
-        h, w = ctx.shape[-2:]
-        shape = (*ctx.shape[:-2], spec.top + h + spec.bottom, spec.left + w + spec.right)
         g_ext = torch.ops.aten.max_pool2d_with_indices_backward(
-            g.contiguous(), g.new_zeros(()).expand(shape), pair(kernel), list(stride), list(padding), pair(dilation),
+            g.contiguous(), g.new_zeros(()).expand(ctx.ext_shape), pair(kernel), list(stride), list(padding), pair(dilation),
             False, indices,
         )
         return adjoint(g_ext, spec, ctx.shape, mesh), None, None, None, None, None, None

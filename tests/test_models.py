@@ -76,3 +76,55 @@ def test_activation_checkpointing_is_exact(pool4) -> None:
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
 def test_overlapped_convolutions_are_exact(pool4, name: str) -> None:
     assert_exact(pool4.run(run_model, name, 2, 2, True, 1, 0.0, True, timeout=500))
+
+
+def run_autocast_bf16(rows: int, cols: int) -> dict[str, object]:
+    """ResNet-18 under CPU bfloat16 autocast, sharded and in one process, against float64.
+
+    bfloat16 is not exact (8 mantissa bits), so the sharded run is held to the one-process
+    run's own error: both are measured against the same network in float64.
+    """
+    import copy
+
+    import torch
+
+    import halo
+    from equivalence import rel_err
+
+    mesh = halo.SpatialMesh(rows, cols)
+    torch.manual_seed(0)
+    plain = MODELS["resnet18"]()
+    truth, model = copy.deepcopy(plain).double(), copy.deepcopy(plain)
+    halo.parallelize(model, mesh)
+    x = torch.randn(1, 3, 64 * rows, 64 * cols, generator=torch.Generator().manual_seed(1))
+    y_truth = truth(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_plain = plain(x)
+        y_halo = model(halo.scatter(x, mesh))
+    y_halo.float().sum().backward()
+    buffers = {n: b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
+    return {
+        "dtypes": (str(y_plain.dtype), str(y_halo.dtype)),
+        "grad_dtypes": sorted({str(p.grad.dtype) for p in model.parameters()}),
+        "buffer_dtypes": sorted({str(b.dtype) for b in buffers.values()}),
+        "finite": all(bool(p.grad.isfinite().all()) for p in model.parameters()),
+        "logits": (rel_err(y_plain, y_truth), rel_err(y_halo, y_truth)),
+        "buffers": [(rel_err(dict(plain.named_buffers())[n], b_t), rel_err(buffers[n], b_t))
+                    for n, b_t in truth.named_buffers() if n in buffers],
+    }
+
+
+@pytest.mark.timeout(300)
+def test_autocast_bfloat16(pool2, pool4) -> None:
+    """Mixed precision (bfloat16 activations, float32 parameters and batch-norm statistics)
+    runs through every halo layer, with the dtypes plain torch gives and errors of the
+    size plain torch's own bfloat16 run has against float64."""
+    for pool, (rows, cols) in ((pool2, (1, 2)), (pool2, (2, 1)), (pool4, (2, 2))):
+        res = pool.run(run_autocast_bf16, rows, cols, timeout=250)[0]  # ranks return the same
+        assert res["dtypes"] == ("torch.bfloat16", "torch.bfloat16")
+        assert res["grad_dtypes"] == ["torch.float32"] and res["buffer_dtypes"] == ["torch.float32"]
+        assert res["finite"]
+        plain, sharded = res["logits"]
+        assert sharded <= 2 * plain + 2**-7, (rows, cols, res["logits"])
+        for plain, sharded in res["buffers"]:
+            assert sharded <= 2 * plain + 2**-7, (rows, cols, res["buffers"])

@@ -29,10 +29,28 @@ def _view(v: torch.Tensor) -> torch.Tensor:
     return v[None, :, None, None]
 
 
-def sync_batch_stats(x: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, biased variance and element count per channel over all ranks of ``group``."""
+def _local_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of the local block, fused, at least in float32.
+
+    For bfloat16/float16 blocks (autocast, or a half-precision model) torch's kernel
+    accumulates in float32 and returns float32 only when given running buffers; they are
+    throw-away here (momentum 0 leaves them as they are).
+    """
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return torch.batch_norm_update_stats(x, None, None, 0.0)
     channels = x.shape[1]
-    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # fused, biased variance
+    scratch = torch.zeros(channels, dtype=torch.float32, device=x.device), torch.ones(channels, dtype=torch.float32, device=x.device)
+    return torch.batch_norm_update_stats(x, *scratch, 0.0)
+
+
+def sync_batch_stats(x: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, biased variance and element count per channel over all ranks of ``group``.
+
+    Float32 for bfloat16/float16 input (the statistics of half-precision activations are
+    accumulated and reduced in float32, as torch's own batch norm does), else ``x.dtype``.
+    """
+    channels = x.shape[1]
+    mean, var = _local_stats(x)
     count = torch.full((1,), x.numel() // channels, dtype=mean.dtype, device=x.device)
     gathered = gather_ranks(torch.cat([count, mean, var]), group)
     counts, means, variances = gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
@@ -55,6 +73,10 @@ class _SyncBatchNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, group):  # type: ignore[override]
         mean, var, total = sync_batch_stats(x, group)
+        # torch's kernels take statistics in the parameters' dtype: float32 under autocast
+        # (mixed precision), the input's own dtype in an all-half-precision model
+        dtype = weight.dtype if weight is not None else x.dtype
+        mean, var = mean.to(dtype), var.to(dtype)
         y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
         ctx.save_for_backward(x, weight, mean, var)
         ctx.total, ctx.group, ctx.eps = total, group, eps

@@ -36,14 +36,17 @@ _HEADER = (
 )
 
 
-def _worker(fn: Callable[..., Any], rank: int, world: int, store: str, threads: int, args: tuple, out) -> None:
+def _worker(fn: Callable[..., Any], rank: int, world: int, store: str, threads: int, args: tuple, out,
+            backend: str = "gloo") -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=600))
         out.put((rank, True, fn(*args)))
         dist.destroy_process_group()
@@ -51,8 +54,9 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, store: str, threads: 
         out.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, timeout: float = 1800) -> list[Any]:
-    """Run ``fn(*args)`` on ``world`` fresh spawned gloo ranks; their results in rank order.
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, timeout: float = 1800,
+              backend: str = "gloo") -> list[Any]:
+    """Run ``fn(*args)`` on ``world`` fresh spawned ranks (gloo, or ``backend``); their results in rank order.
 
     ``fn`` must live at module level of an importable module. Fresh processes keep
     peak-RSS figures of one configuration apart from the next.
@@ -62,7 +66,8 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, 
     os.close(fd)
     os.unlink(store)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world, store, threads, args, out), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(fn, r, world, store, threads, args, out, backend),
+                         daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

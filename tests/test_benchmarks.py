@@ -22,6 +22,7 @@ SCRIPTS = {
     "bench_alternatives.py": "DTensor",
     "bench_plan.py": "activation_bytes_per_rank",
     "bench_read.py": "read_block MB/s",
+    "bench_gpu.py": "halo / plain",
 }
 
 

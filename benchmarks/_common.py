@@ -16,6 +16,7 @@ import queue
 import resource
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -205,42 +206,84 @@ def measure_step(name: str, rows: int, cols: int, h: int, w: int, batch: int, sh
 
 
 class _TimedWork:
-    """A p2p request whose ``wait`` adds its blocking time to a counter."""
+    """A p2p request whose ``wait`` adds its blocking time to a counter and marks when the
+    batch it belongs to was last waited for (``entry[1]``)."""
 
-    def __init__(self, work, clock: list[float]) -> None:
-        self.work, self.clock = work, clock
+    def __init__(self, work, clock: list[float], entry: list[float]) -> None:
+        self.work, self.clock, self.entry = work, clock, entry
 
     def wait(self, *args):
         t0 = time.perf_counter()
         try:
             return self.work.wait(*args)
         finally:
-            self.clock[0] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.clock[0] += t1 - t0
+            self.entry[1] = max(self.entry[1], t1)
 
 
-def _count_collectives():
-    """Patch the collectives the halo layers call to count them; returns (counter, undo)."""
+def _log_collectives(log: list[list[float]]):
+    """Patch the collectives the halo layers call to append ``[enter, exit]`` to ``log``; returns undo."""
     import torch.distributed as dist
 
     from halo.nn import _collectives
 
-    count = [0]
     patched = []
     for owner, name in ((_collectives, "_all_gather"), (dist, "all_reduce"), (dist, "all_gather")):
         real = getattr(owner, name)
 
-        def counting(*args, _real=real, **kwargs):
-            count[0] += 1
-            return _real(*args, **kwargs)
+        def logging(*args, _real=real, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                log.append([t0, time.perf_counter()])
 
-        setattr(owner, name, counting)
+        setattr(owner, name, logging)
         patched.append((owner, name, real))
 
     def undo() -> None:
         for owner, name, real in patched:
             setattr(owner, name, real)
 
-    return count, undo
+    return undo
+
+
+def _run_delay() -> tuple[float, float]:
+    """Seconds this process's threads have waited, runnable, for a CPU (``/proc/.../schedstat``):
+    (main thread, all others). Zeros where the kernel does not report it."""
+    main_tid, main, other = threading.get_native_id(), 0.0, 0.0
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                delay = int(f.read().split()[1]) * 1e-9
+            if int(tid) == main_tid:
+                main += delay
+            else:
+                other += delay
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0.0
+    return main, other
+
+
+def _split_sync_cost(log: list[list[float]]) -> tuple[float, float]:
+    """(arrival spread, time after the last arrival), summed over this step's synchronisations.
+
+    Every rank's ``[enter, exit]`` log is gathered (clocks are the same host's monotonic
+    clock). The spread is how far apart the ranks reach each synchronisation (load
+    imbalance); the rest is what the communication itself takes once all have arrived.
+    """
+    import torch.distributed as dist
+
+    logs: list = [None] * dist.get_world_size()
+    dist.all_gather_object(logs, log)
+    n = min(len(entry) for entry in logs)
+    spread = after = 0.0
+    for i in range(n):
+        enters, exits = [lg[i][0] for lg in logs], [lg[i][1] for lg in logs]
+        spread += max(enters) - min(enters)
+        after += max(0.0, max(exits) - max(enters))
+    return spread, after
 
 
 def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, steps: int, sharded: bool = True,
@@ -251,7 +294,11 @@ def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, ste
     posting them (``post``), per step, how many times per step the ranks synchronise
     (``syncs``: p2p batches plus collectives), and the CPU seconds of the step spent by this
     rank's main thread (``main_cpu``) and by its other threads (``other_cpu``: gloo's
-    communication threads). ``overlap`` sets ``HaloConv2d.overlap`` where the layer has it.
+    communication threads), and the seconds its threads waited, runnable, for a CPU
+    (``queued_main``, ``queued_other``: the scheduler's run-queue delay). ``spread`` and ``after`` split the synchronisations' cost into
+    how far apart the ranks arrive and what passes after the last arrives
+    (:func:`_split_sync_cost`; meaningful with ``overlap`` off, where every post is waited
+    for at once). ``overlap`` sets ``HaloConv2d.overlap`` where the layer has it.
     """
     import torch
     import torch.distributed as dist
@@ -262,23 +309,26 @@ def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, ste
             if hasattr(m, "overlap"):
                 m.overlap = overlap
     real = dist.batch_isend_irecv
-    wait, post, batches = [0.0], [0.0], [0]
+    wait, post = [0.0], [0.0]
+    log: list[list[float]] = []  # [enter, exit] of every synchronisation of the step
 
     def timed(ops):
         t0 = time.perf_counter()
         works = real(ops)
         post[0] += time.perf_counter() - t0
-        batches[0] += 1
-        return [_TimedWork(wk, wait) for wk in works]
+        entry = [t0, t0]
+        log.append(entry)
+        return [_TimedWork(wk, wait, entry) for wk in works]
 
     dist.batch_isend_irecv = timed
-    times, waits, posts, syncs, mains, others = [], [], [], [], [], []
+    times, waits, posts, syncs, mains, others, spreads, afters, q_main, q_other = ([] for _ in range(10))
     try:
         for i in range(steps + 1):
             dist.barrier()
             wait[0] = post[0] = 0.0
-            collectives, undo = _count_collectives()
-            batches[0] = 0
+            log.clear()
+            undo = _log_collectives(log)
+            delay0 = _run_delay()
             t0, main0, proc0 = time.perf_counter(), time.thread_time(), time.process_time()
             try:
                 model(x).sum().backward()
@@ -286,20 +336,27 @@ def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, ste
                 undo()
             model.zero_grad(set_to_none=True)
             main, other = time.thread_time() - main0, time.process_time() - proc0
+            delay = [b - a for a, b in zip(delay0, _run_delay())]
             t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            spread, after = _split_sync_cost(log) if dist.get_world_size() > 1 else (0.0, 0.0)
             if i:
                 times.append(t.item())
                 waits.append(wait[0])
                 posts.append(post[0])
-                syncs.append(batches[0] + collectives[0])
+                syncs.append(len(log))
                 mains.append(main)
                 others.append(other - main)
+                spreads.append(spread)
+                afters.append(after)
+                q_main.append(delay[0])
+                q_other.append(delay[1])
     finally:
         dist.batch_isend_irecv = real
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     return {"step": med(times), "wait": med(waits), "post": med(posts), "syncs": med(syncs), "main_cpu": med(mains),
-            "other_cpu": med(others)}
+            "other_cpu": med(others), "spread": med(spreads), "after": med(afters),
+            "queued_main": med(q_main), "queued_other": med(q_other)}
 
 
 def sync_latency(repeats: int = 200) -> dict[str, float]:

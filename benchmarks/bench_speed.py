@@ -52,6 +52,8 @@ def measure(name: str, size: int, meshes: list[tuple[int, int]], steps: int, bat
             row = {"size": size, "mesh": f"{rows}x{cols}", "P": p, "step": res[0]["step"],
                    "wait": max(r["wait"] for r in res), "post": max(r["post"] for r in res),
                    "main_cpu": max(r["main_cpu"] for r in res), "other_cpu": max(r["other_cpu"] for r in res),
+                   "spread": res[0]["spread"], "after": res[0]["after"],
+                   "queued_main": max(r["queued_main"] for r in res), "queued_other": max(r["queued_other"] for r in res),
                    "syncs": res[0]["syncs"], "eff": one["step"] / (p * res[0]["step"]), "overlap": "on" if ov else "off"}
             out.append(row)
             print(f"{name} {size} {row['mesh']} overlap={row['overlap']}: step {row['step']:.3f} s, "
@@ -83,7 +85,11 @@ def floor_text(latency: dict[str, float], rows: list[dict]) -> str:
             f"- {r['size']}x{r['size']} {r['mesh']}: {r['step']:.3f} s = {block['step']:.3f} s + {extra:.3f} s, "
             f"{extra / max(r['syncs'], 1) * 1e3:.1f} ms per synchronisation ({r['syncs']} per step). Main thread: "
             f"{r['main_cpu'] - block['main_cpu']:+.3f} s CPU, blocked {r['step'] - r['main_cpu']:.3f} s; "
-            f"gloo's threads: {r['other_cpu']:.3f} s CPU on the same cores.")
+            f"gloo's threads: {r['other_cpu']:.3f} s CPU on the same cores. Synchronisations: the ranks arrive "
+            f"{r['spread']:.3f} s apart in all (imbalance), and {r['after']:.3f} s pass after the last arrives "
+            f"({r['after'] / max(r['syncs'], 1) * 1e3:.2f} ms each). Runnable but waiting for a CPU: main thread "
+            f"{r['queued_main']:.3f} s, gloo's threads {r['queued_other']:.3f} s (plain torch on one block: "
+            f"{block['queued_main']:.3f} s).")
     return "\n".join(lines)
 
 

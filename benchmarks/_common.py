@@ -295,8 +295,9 @@ def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, ste
     (``syncs``: p2p batches plus collectives), and the CPU seconds of the step spent by this
     rank's main thread (``main_cpu``) and by its other threads (``other_cpu``: gloo's
     communication threads), and the seconds its threads waited, runnable, for a CPU
-    (``queued_main``, ``queued_other``: the scheduler's run-queue delay). ``spread`` and ``after`` split the synchronisations' cost into
-    how far apart the ranks arrive and what passes after the last arrives
+    (``queued_main``, ``queued_other``: the scheduler's run-queue delay). ``spread`` and
+    ``after`` split the synchronisations' cost into how far apart the ranks arrive and what
+    passes after the last arrives
     (:func:`_split_sync_cost`; meaningful with ``overlap`` off, where every post is waited
     for at once). ``overlap`` sets ``HaloConv2d.overlap`` where the layer has it.
     """

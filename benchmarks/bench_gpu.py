@@ -72,22 +72,24 @@ def measure(name: str, size: int, steps: int, batch: int, backend: str, threads:
                                   threads=threads)[0] for sharded in (False, True)}
         rows.append({"name": name, "size": size, "dtype": "bfloat16 autocast" if bf16 else "float32",
                      "plain": res[False], "halo": res[True]})
-        print(f"{name} {size} {rows[-1]['dtype']}: plain {res[False]['step']:.4f} s, halo 1x1 {res[True]['step']:.4f} s "
-              f"({res[True]['step'] / res[False]['step']:.3f}x) on {res[False]['device']}", flush=True)
+        plain, sharded = res[False]["step"], res[True]["step"]
+        print(f"{name} {size} {rows[-1]['dtype']}: plain {plain:.4f} s, halo 1x1 {sharded:.4f} s "
+              f"({sharded / plain:.3f}x) on {res[False]['device']}", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     fp32 = {(r["name"], r["size"]): r for r in rows if r["dtype"] == "float32"}
-    header = ["model", "image", "dtype", "plain step s", "halo 1x1 step s", "halo / plain", "speed-up vs float32 (plain)",
-              "speed-up vs float32 (halo)", "peak MB plain", "peak MB halo"]
+    header = ["model", "image", "dtype", "plain step s", "halo 1x1 step s", "halo / plain",
+              "speed-up vs float32 (plain)", "speed-up vs float32 (halo)", "peak MB plain", "peak MB halo"]
     out = []
     for r in rows:
         base = fp32[(r["name"], r["size"])]
-        out.append([r["name"], f"{r['size']}x{r['size']}", r["dtype"], f"{r['plain']['step']:.4f}",
-                    f"{r['halo']['step']:.4f}", f"{r['halo']['step'] / r['plain']['step']:.3f}",
-                    f"{base['plain']['step'] / r['plain']['step']:.2f}", f"{base['halo']['step'] / r['halo']['step']:.2f}",
-                    f"{r['plain']['peak'] / 2**20:.0f}", f"{r['halo']['peak'] / 2**20:.0f}"])
+        plain, sharded = r["plain"]["step"], r["halo"]["step"]
+        out.append([r["name"], f"{r['size']}x{r['size']}", r["dtype"], f"{plain:.4f}", f"{sharded:.4f}",
+                    f"{sharded / plain:.3f}", f"{base['plain']['step'] / plain:.2f}",
+                    f"{base['halo']['step'] / sharded:.2f}", f"{r['plain']['peak'] / 2**20:.0f}",
+                    f"{r['halo']['peak'] / 2**20:.0f}"])
     return markdown_table(header, out)
 
 

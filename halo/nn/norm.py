@@ -39,8 +39,8 @@ def _local_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dtype not in (torch.float16, torch.bfloat16):
         return torch.batch_norm_update_stats(x, None, None, 0.0)
     channels = x.shape[1]
-    scratch = torch.zeros(channels, dtype=torch.float32, device=x.device), torch.ones(channels, dtype=torch.float32, device=x.device)
-    return torch.batch_norm_update_stats(x, *scratch, 0.0)
+    scratch = torch.zeros(2, channels, dtype=torch.float32, device=x.device)
+    return torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0)
 
 
 def sync_batch_stats(x: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

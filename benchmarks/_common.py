@@ -232,14 +232,14 @@ def _log_collectives(log: list[list[float]]):
     for owner, name in ((_collectives, "_all_gather"), (dist, "all_reduce"), (dist, "all_gather")):
         real = getattr(owner, name)
 
-        def logging(*args, _real=real, **kwargs):
+        def logged(*args, _real=real, **kwargs):
             t0 = time.perf_counter()
             try:
                 return _real(*args, **kwargs)
             finally:
                 log.append([t0, time.perf_counter()])
 
-        setattr(owner, name, logging)
+        setattr(owner, name, logged)
         patched.append((owner, name, real))
 
     def undo() -> None:

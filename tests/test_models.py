@@ -103,13 +103,14 @@ def run_autocast_bf16(rows: int, cols: int) -> dict[str, object]:
         y_halo = model(halo.scatter(x, mesh))
     y_halo.float().sum().backward()
     buffers = {n: b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
+    plain_buffers = dict(plain.named_buffers())
     return {
         "dtypes": (str(y_plain.dtype), str(y_halo.dtype)),
         "grad_dtypes": sorted({str(p.grad.dtype) for p in model.parameters()}),
         "buffer_dtypes": sorted({str(b.dtype) for b in buffers.values()}),
         "finite": all(bool(p.grad.isfinite().all()) for p in model.parameters()),
         "logits": (rel_err(y_plain, y_truth), rel_err(y_halo, y_truth)),
-        "buffers": [(rel_err(dict(plain.named_buffers())[n], b_t), rel_err(buffers[n], b_t))
+        "buffers": [(rel_err(plain_buffers[n], b_t), rel_err(buffers[n], b_t))
                     for n, b_t in truth.named_buffers() if n in buffers],
     }
 

@@ -10,6 +10,7 @@ hanging. If the ranks do not finish in time, the pool is killed and the test fai
 
 from __future__ import annotations
 
+import functools
 import importlib
 import multiprocessing as mp
 import os
@@ -21,7 +22,20 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["ProcessPool", "RankError"]
+__all__ = ["ProcessPool", "RankError", "shared_mesh"]
+
+
+@functools.cache
+def shared_mesh(rows: int, cols: int):
+    """This worker's :class:`halo.SpatialMesh` of one shape, made once and reused.
+
+    Every new mesh creates process groups whose gloo threads live until the worker exits;
+    a mesh per test call grows a long-lived worker to thousands of threads and slows the
+    whole machine down.
+    """
+    import halo
+
+    return halo.SpatialMesh(rows, cols)
 
 
 class RankError(AssertionError):

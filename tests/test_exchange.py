@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import halo
+from distributed import shared_mesh
 from halo.exchange import HaloSpec, adjoint, halo_strips
 from halo.geometry import block_bounds
 
@@ -20,7 +21,7 @@ SPECS = [
 
 
 def exchange_matches_padding(rows: int, cols: int) -> None:
-    mesh = halo.SpatialMesh(rows, cols)
+    mesh = shared_mesh(rows, cols)
     _, r, c = mesh.coords
     h, w = 4 * rows, 4 * cols
     full = torch.randn(2, 3, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(3))

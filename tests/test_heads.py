@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 import halo
+from distributed import shared_mesh
 from equivalence import assert_exact, check_equivalence, rel_err
 from halo.errors import HaloShapeError
 from halo.nn import GatedAttentionHead, MaxHead, MeanHead, TopKHead
@@ -74,7 +75,7 @@ def _head(model: nn.Module) -> nn.Module:
 def run_batch(name: str, rows: int, cols: int, h: int, w: int, n: int) -> dict[str, float]:
     """``n`` images on one spatial mesh: logits, gradients and the gathered ``last_map``."""
     build, channels = HEADS[name]
-    mesh = halo.SpatialMesh(rows, cols)
+    mesh = shared_mesh(rows, cols)
     torch.manual_seed(0)
     ref = build().double()
     model = halo.parallelize(copy.deepcopy(ref), mesh)

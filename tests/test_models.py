@@ -89,9 +89,10 @@ def run_autocast_bf16(rows: int, cols: int) -> dict[str, object]:
     import torch
 
     import halo
+    from distributed import shared_mesh
     from equivalence import rel_err
 
-    mesh = halo.SpatialMesh(rows, cols)
+    mesh = shared_mesh(rows, cols)
     torch.manual_seed(0)
     plain = MODELS["resnet18"]()
     truth, model = copy.deepcopy(plain).double(), copy.deepcopy(plain)

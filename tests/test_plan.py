@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torchvision
 
 import halo
+from distributed import shared_mesh
 from halo.plan import main, measure_saved_bytes, plan, plan_model
 
 TOL = 0.10  # the issue's goal; on these cases the arithmetic is exact
@@ -34,7 +35,7 @@ def _pools() -> torch.nn.Module:
 
 def measure_rank(name: str, rows: int, cols: int, height: int, width: int, batch: int) -> tuple[int, int]:
     """On one rank: bytes autograd saves for the forward, and bytes this rank sends in one step."""
-    mesh = halo.SpatialMesh(rows, cols)
+    mesh = shared_mesh(rows, cols)
     model = halo.parallelize(_pools() if name == "pools" else _model(name), mesh)
     image = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
     x = halo.scatter(image, mesh)

@@ -26,7 +26,10 @@ import torch.nn.functional as F
 
 from halo.mesh import SpatialMesh
 
-__all__ = ["HaloSpec", "exchange_halo", "halo_strips", "assemble", "adjoint"]
+__all__ = [
+    "HaloSpec", "exchange_halo", "halo_strips", "assemble", "window", "ext_size", "adjoint", "adjoint_strips",
+    "strip_grads", "scatter_window",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,12 +73,6 @@ def _wait(works: list) -> None:
 def _axis(mesh: SpatialMesh, dim: int) -> tuple[dist.ProcessGroup, int, int]:
     axis = "row" if dim == -2 else "col"
     return mesh.axis_group(axis), mesh.axis_index(axis), mesh.axis_size(axis)
-
-
-def _strip_shape(x: torch.Tensor, dim: int, width: int) -> list[int]:
-    shape = list(x.shape)
-    shape[dim] = width
-    return shape
 
 
 def _exchange_dim(
@@ -124,30 +121,6 @@ def _row_extended_cols(x: torch.Tensor, rows: Strips, bottom: int, start: int, w
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
-def _adjoint_dim(g: torch.Tensor, dim: int, before: int, after: int, n: int, mesh: SpatialMesh):
-    """The ops that send the halo strips of ``g`` back to their owners (run them before reading).
-
-    Returns the view of ``g`` over the local rows (length ``n + min(after, 0)``), the buffers
-    for the gradients of this block's last ``before`` and first ``after`` rows, and the ops.
-    """
-    group, index, size = _axis(mesh, dim)
-    ops: list[dist.P2POp] = []
-    from_next = from_prev = None
-    if before > 0:
-        if index > 0:  # our leading strip is the previous rank's trailing rows
-            ops.append(dist.P2POp(dist.isend, g.narrow(dim, 0, before).contiguous(), group=group, group_peer=index - 1))
-        if index < size - 1:
-            from_next = torch.empty(_strip_shape(g, dim, before), dtype=g.dtype, device=g.device)
-            ops.append(dist.P2POp(dist.irecv, from_next, group=group, group_peer=index + 1))
-    if after > 0:
-        if index < size - 1:
-            ops.append(dist.P2POp(dist.isend, g.narrow(dim, before + n, after).contiguous(), group=group, group_peer=index + 1))
-        if index > 0:
-            from_prev = torch.empty(_strip_shape(g, dim, after), dtype=g.dtype, device=g.device)
-            ops.append(dist.P2POp(dist.irecv, from_prev, group=group, group_peer=index - 1))
-    return g.narrow(dim, before, n + min(after, 0)), (from_next, from_prev), ops
-
-
 class _During:
     """Runs ``fn`` once, in the first exchange phase that has messages in flight (or at the end)."""
 
@@ -166,14 +139,6 @@ class _During:
             self.pending = False
             self.result = self.fn()  # type: ignore[misc]
         return self.result
-
-
-def _add_received(out: torch.Tensor, dim: int, n: int, before: int, after: int, received: Strips) -> None:
-    from_next, from_prev = received
-    if from_next is not None:
-        out.narrow(dim, n - before, before).add_(from_next)
-    if from_prev is not None:
-        out.narrow(dim, 0, after).add_(from_prev)
 
 
 def halo_strips(
@@ -197,27 +162,70 @@ def halo_strips(
     return rows, cols, during_.finish()
 
 
+def _placed(body: torch.Tensor | None, rows: Strips, cols: Strips, spec: HaloSpec, h: int, w: int):
+    """``(piece, first row, first column)`` of each part of the extended block, in its coordinates.
+
+    The parts tile it: the block (trimmed), the row strips over the block's columns, and the
+    column strips over all rows (corners included). ``body`` None leaves the block out.
+    """
+    kh, kw = h + min(spec.bottom, 0), w + min(spec.right, 0)
+    top, bottom = rows
+    left, right = cols
+    placed = [] if body is None else [(body.narrow(-2, 0, kh).narrow(-1, 0, kw), spec.top, spec.left)]
+    if top is not None:
+        placed.append((top.narrow(-1, 0, kw), 0, spec.left))
+    if bottom is not None:
+        placed.append((bottom.narrow(-1, 0, kw), spec.top + kh, spec.left))
+    if left is not None:
+        placed.append((left, 0, 0))
+    if right is not None:
+        placed.append((right, 0, spec.left + kw))
+    return placed
+
+
+def _overlaps(placed, r: tuple[int, int], c: tuple[int, int]):
+    """For each piece meeting the window ``rows r x columns c``: (piece part, window part) slices."""
+    for piece, r0, c0 in placed:
+        a, b = max(r[0], r0), min(r[1], r0 + piece.shape[-2])
+        e, f = max(c[0], c0), min(c[1], c0 + piece.shape[-1])
+        if a < b and e < f:
+            yield piece[..., a - r0 : b - r0, e - c0 : f - c0], (slice(a - r[0], b - r[0]), slice(e - c[0], f - c[0]))
+
+
+def ext_size(spec: HaloSpec, h: int, w: int) -> tuple[int, int]:
+    """Height and width of the extended block of an ``h x w`` block."""
+    return spec.top + h + spec.bottom, spec.left + w + spec.right
+
+
+def window(x: torch.Tensor, rows: Strips, cols: Strips, spec: HaloSpec, r: tuple[int, int] | None = None,
+           c: tuple[int, int] | None = None, block: bool = True) -> torch.Tensor:
+    """Rows ``r`` and columns ``c`` (default: all) of the halo-extended block, copying only those.
+
+    ``block=False`` leaves the local block's part zero: the window then holds only what the
+    halos add to a zero-padded block.
+    """
+    h, w = x.shape[-2:]
+    height, width = ext_size(spec, h, w)
+    r, c = r or (0, height), c or (0, width)
+    shape = (*x.shape[:-2], r[1] - r[0], c[1] - c[0])
+    out = x.new_empty(shape) if block else x.new_zeros(shape)
+    for piece, (rs, cs) in _overlaps(_placed(x if block else None, rows, cols, spec, h, w), r, c):
+        out[..., rs, cs].copy_(piece)
+    return out
+
+
+def scatter_window(g: torch.Tensor, rows: Strips, cols: Strips, spec: HaloSpec, shape: torch.Size,
+                   r: tuple[int, int], c: tuple[int, int]) -> None:
+    """Add the halo part of ``g``, the gradient of the window ``r x c`` of the extended block,
+    into the strip gradients ``rows`` and ``cols`` (None where nothing goes back): the
+    adjoint of :func:`window` with ``block=False``."""
+    for piece, (rs, cs) in _overlaps(_placed(None, rows, cols, spec, *shape[-2:]), r, c):
+        piece.add_(g[..., rs, cs])
+
+
 def assemble(x: torch.Tensor, rows: Strips, cols: Strips, spec: HaloSpec) -> torch.Tensor:
     """The halo-extended block from the local block and its received strips (one copy)."""
-    if spec.is_empty:
-        return x
-    h, w = x.shape[-2:]
-    kh, kw = h + min(spec.bottom, 0), w + min(spec.right, 0)
-    height = spec.top + kh + max(spec.bottom, 0)
-    out = x.new_empty(*x.shape[:-2], height, spec.left + kw + max(spec.right, 0))
-    body = out.narrow(-1, spec.left, kw)
-    body.narrow(-2, spec.top, kh).copy_(x.narrow(-2, 0, kh).narrow(-1, 0, kw))
-    top, bottom = rows
-    if top is not None:
-        body.narrow(-2, 0, spec.top).copy_(top.narrow(-1, 0, kw))
-    if bottom is not None:
-        body.narrow(-2, spec.top + kh, spec.bottom).copy_(bottom.narrow(-1, 0, kw))
-    left, right = cols
-    if left is not None:
-        out.narrow(-1, 0, spec.left).copy_(left)
-    if right is not None:
-        out.narrow(-1, spec.left + kw, spec.right).copy_(right)
-    return out
+    return x if spec.is_empty else window(x, rows, cols, spec)
 
 
 def _local_part(kept: torch.Tensor, dim: int, n: int) -> torch.Tensor:
@@ -228,30 +236,101 @@ def _local_part(kept: torch.Tensor, dim: int, n: int) -> torch.Tensor:
     return F.pad(kept, (0, missing) if dim == -1 else (0, 0, 0, missing))
 
 
+def strip_grads(like: torch.Tensor, spec: HaloSpec, shape: torch.Size, mesh: SpatialMesh) -> tuple[Strips, Strips]:
+    """Zero gradients for the halo strips that came from a neighbour (None at image edges
+    and where the width is 0), to be sent back by :func:`adjoint_strips`. Row strips span
+    the block's ``w`` columns, column strips every row of the extended block."""
+    h, w = shape[-2:]
+    height = ext_size(spec, h, w)[0]
+
+    def zeros(dim: int, width: int, first: bool) -> torch.Tensor | None:
+        _, index, size = _axis(mesh, dim)
+        if width <= 0 or index == (0 if first else size - 1):
+            return None
+        return like.new_zeros(*shape[:-2], *((width, w) if dim == -2 else (height, width)))
+
+    return (zeros(-2, spec.top, True), zeros(-2, spec.bottom, False)), (zeros(-1, spec.left, True),
+                                                                         zeros(-1, spec.right, False))
+
+
+def _return_ops(strips: Strips, dim: int, before: int, after: int, recv_shape: Callable[[int], list[int]],
+                like: torch.Tensor, mesh: SpatialMesh) -> tuple[Strips, list[dist.P2POp]]:
+    """Ops that send strip gradients back to the ranks the strips came from, and receive what
+    the neighbours' halos of our trailing ``before`` and leading ``after`` rows (along
+    ``dim``) got; run them before reading. Returns (from the next rank, from the previous)."""
+    group, index, size = _axis(mesh, dim)
+    ops: list[dist.P2POp] = []
+    for strip, peer in zip(strips, (index - 1, index + 1)):
+        if strip is not None:
+            ops.append(dist.P2POp(dist.isend, strip.contiguous(), group=group, group_peer=peer))
+    received: list[torch.Tensor | None] = []
+    for width, peer in ((before, index + 1), (after, index - 1)):
+        buf = None
+        if width > 0 and 0 <= peer < size:
+            buf = like.new_empty(recv_shape(width))
+            ops.append(dist.P2POp(dist.irecv, buf, group=group, group_peer=peer))
+        received.append(buf)
+    return (received[0], received[1]), ops
+
+
+def adjoint_strips(rows: Strips, cols: Strips, spec: HaloSpec, shape: torch.Size, mesh: SpatialMesh,
+                   block: Callable[[], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. the local block, from the strip gradients (:func:`strip_grads`) and
+    ``block()``, the gradient of the block's own part (a tensor of ``shape`` this function
+    owns and adds into). ``block`` runs while the first phase with messages travels.
+
+    Column strips go back first; what arrives for the rows of our own row strips (the
+    corners) travels on with them in the row phase, as in the forward exchange.
+    """
+    h, w = shape[-2:]
+    height, kh = ext_size(spec, h, w)[0], h + min(spec.bottom, 0)
+    lead = list(shape[:-2])
+    during = _During(block)
+    received, ops = _return_ops(cols, -1, spec.left, spec.right, lambda n: lead + [height, n], like, mesh)
+    during.run(ops)
+    top, bottom = rows
+    for strip, start in zip(received, (w - spec.left, 0)):
+        if strip is None:
+            continue
+        parts = ((top, 0, spec.top), (during.finish(), spec.top, kh), (bottom, spec.top + kh, spec.bottom))
+        for target, first, n in parts:
+            if target is not None and n > 0:
+                target.narrow(-2, 0, n).narrow(-1, start, strip.shape[-1]).add_(strip.narrow(-2, first, n))
+    received, ops = _return_ops(rows, -2, spec.top, spec.bottom, lambda n: lead + [n, w], like, mesh)
+    during.run(ops)
+    out = during.finish()
+    from_next, from_prev = received
+    if from_next is not None:
+        out.narrow(-2, h - spec.top, spec.top).add_(from_next)
+    if from_prev is not None:
+        out.narrow(-2, 0, spec.bottom).add_(from_prev)
+    return out
+
+
 def adjoint(g: torch.Tensor, spec: HaloSpec, shape: torch.Size, mesh: SpatialMesh,
             during: Callable[[], object] | None = None) -> torch.Tensor:
     """Gradient w.r.t. the local block from the gradient w.r.t. the halo-extended block.
 
-    ``g`` may be modified in place (callers pass a gradient they own); one full copy is made.
-    ``during`` (e.g. the weight gradient of a convolution) runs while the first phase with
-    messages travels; callers keep its result themselves.
+    ``g`` may be modified in place (callers pass a gradient they own); one copy of the
+    block's part is made. ``during`` (e.g. the weight gradient of a convolution) runs while
+    the first phase with messages travels; callers keep its result themselves.
     """
     if spec.is_empty:
         if during is not None:
             during()
         return g
-    during_ = _During(during)
     h, w = shape[-2:]
-    kept, received, ops = _adjoint_dim(g, -1, spec.left, spec.right, w, mesh)
-    during_.run(ops)
-    g_rows = _local_part(kept, -1, w)  # (..., rows of the extended block, w)
-    _add_received(g_rows, -1, w, spec.left, spec.right, received)
-    kept, received, ops = _adjoint_dim(g_rows, -2, spec.top, spec.bottom, h, mesh)
-    during_.run(ops)
-    out = _local_part(kept, -2, h).contiguous()
-    _add_received(out, -2, h, spec.top, spec.bottom, received)
-    during_.finish()
-    return out
+    height, width = ext_size(spec, h, w)
+    rows, cols = strip_grads(g, spec, shape, mesh)
+    scatter_window(g, rows, cols, spec, shape, (0, height), (0, width))
+
+    def block() -> torch.Tensor:
+        if during is not None:
+            during()
+        own = g.narrow(-2, spec.top, h + min(spec.bottom, 0)).narrow(-1, spec.left, w + min(spec.right, 0))
+        return _local_part(_local_part(own, -1, w), -2, h).contiguous()
+
+    return adjoint_strips(rows, cols, spec, shape, mesh, block, g)
 
 
 class _HaloExchange(torch.autograd.Function):

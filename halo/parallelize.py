@@ -124,8 +124,11 @@ def parallelize(
     local_modules:
         Extra leaf module types that act on each pixel alone (or on pooled features).
     overlap:
-        Convolutions compute the part of their output that needs no halo while the halo
-        rows travel, then the border bands (same numbers; see :func:`halo.nn.halo_conv2d`).
+        Convolutions that convolve their block with zero padding (the default wherever the
+        block outweighs the weight) do so while the halo strips travel, and run their
+        convolution backward while the halo gradients travel back; others run the weight
+        gradient while the input gradient's halo travels (same numbers; see
+        :func:`halo.nn.halo_conv2d`).
 
     Raises
     ------

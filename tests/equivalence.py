@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 import halo
+from distributed import shared_mesh
 
 __all__ = ["check_equivalence", "assert_exact", "rel_err", "TOL"]
 
@@ -61,19 +62,24 @@ def check_equivalence(
     steps: int = 1,
     lr: float = 0.0,
     overlap: bool = False,
+    conv_method: str = "auto",
 ) -> dict[str, float]:
     """Worst relative errors (by quantity) of the sharded model against one device.
 
     With ``steps > 1`` and ``lr > 0`` an SGD step is taken after each backward, and the
-    comparison also covers the updated weights.
+    comparison also covers the updated weights. ``conv_method`` sets every
+    :class:`halo.nn.HaloConv2d`'s ``method``.
     """
-    mesh = halo.SpatialMesh(rows, cols)
+    mesh = shared_mesh(rows, cols)
     d = mesh.coords[0]
     torch.manual_seed(seed)
     ref = build().double()
     model = copy.deepcopy(ref)
     images = torch.randn(mesh.data, channels, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     halo.parallelize(model, mesh, overlap=overlap)
+    for m in model.modules():
+        if isinstance(m, halo.nn.HaloConv2d):
+            m.method = conv_method
     ref.train(train)
     model.train(train)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=lr) if lr else None

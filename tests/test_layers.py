@@ -10,9 +10,10 @@ from models_zoo import LAYERS
 MESHES2 = [(1, 2), (2, 1)]
 
 
-def run_layer(name: str, rows: int, cols: int, train: bool, h: int, w: int, overlap: bool = False) -> dict[str, float]:
+def run_layer(name: str, rows: int, cols: int, train: bool, h: int, w: int, overlap: bool = False,
+              conv_method: str = "auto") -> dict[str, float]:
     return check_equivalence(LAYERS[name], rows, cols, h, w, channels=4 if "group" in name or "depthwise" in name else 3,
-                             train=train, overlap=overlap)
+                             train=train, overlap=overlap, conv_method=conv_method)
 
 
 
@@ -45,8 +46,68 @@ def test_layer_four_ranks(pool4, name: str) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", ["bands", "assemble"])
 @pytest.mark.parametrize("name", sorted(n for n in LAYERS if n.startswith("conv")))
-def test_conv_overlap_is_exact(pool4, name: str) -> None:
-    """Inside first, border bands after the halos arrive: still the one-device numbers."""
+def test_conv_methods_and_overlap_are_exact(pool4, name: str, method: str) -> None:
+    """Both ways of convolving a block (its own convolution corrected on the border bands,
+    or the assembled extended block), each with and without overlap: the one-device numbers."""
     for rows, cols in [(2, 2), (4, 1), (1, 2)]:
-        assert_exact(pool4.run(run_layer, name, rows, cols, True, 16 * rows, 16 * cols, True))
+        for overlap in (False, True):
+            assert_exact(pool4.run(run_layer, name, rows, cols, True, 16 * rows, 16 * cols, overlap, method))
+
+
+# The thinnest block each convolution accepts along the sharded dim (a multiple of the
+# stride, at least its widest halo): windows there reach past the block on both sides.
+THINNEST = {"conv3x3": 1, "conv7x7s2": 4, "conv_dilated": 2, "conv5x5s4": 4, "conv_depthwise": 2}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", sorted(THINNEST))
+def test_conv_on_blocks_narrower_than_its_window(pool2, name: str) -> None:
+    """Border bands meet or cross in the middle of the block: still the one-device numbers,
+    with the block convolved before and while the halos travel."""
+    thin = THINNEST[name]
+    for rows, cols in MESHES2:
+        for overlap in (False, True):
+            h, w = (rows * thin, 8) if rows > 1 else (8, cols * thin)
+            assert_exact(pool2.run(run_layer, name, rows, cols, True, h, w, overlap, "bands"))
+
+
+def conv_plans() -> dict[str, object]:
+    import torch
+
+    from distributed import shared_mesh
+    from halo.nn.conv import _plan, halo_conv2d
+    from halo.nn._window import split_local, window_spec
+
+    mesh = shared_mesh(1, 2)
+    spec, padding = split_local(window_spec("c", "Conv2d", 3, 1, 1), mesh)
+    same_spec, same_pad = split_local(window_spec("c", "Conv2d", 4, 1, "same"), mesh)
+    wide = torch.zeros(1, 3, 16, 8), torch.zeros(4, 3, 3, 3)  # many block elements per weight
+    deep = torch.zeros(1, 512, 4, 2), torch.zeros(512, 512, 3, 3)  # a weight larger than the block
+    plans = {
+        "wide auto": _plan(*wide, spec, padding, (1, 1), (1, 1), mesh, "auto"),
+        "deep auto": _plan(*deep, spec, padding, (1, 1), (1, 1), mesh, "auto"),
+        "deep bands": _plan(*deep, spec, padding, (1, 1), (1, 1), mesh, "bands"),
+        "wide assemble": _plan(*wide, spec, padding, (1, 1), (1, 1), mesh, "assemble"),
+        "same bands": _plan(wide[0], torch.zeros(4, 3, 4, 4), same_spec, same_pad, (1, 1), (1, 1), mesh, "bands"),
+    }
+    try:
+        halo_conv2d(*wide, None, mesh, spec, (1, 1), (1, 1), 1, padding, method="fast")
+    except ValueError as err:
+        plans["error"] = str(err)
+    return plans
+
+
+@pytest.mark.timeout(120)
+def test_conv_method_choice(pool2) -> None:
+    """"auto" convolves the block itself where the block outweighs the weight, assembles the
+    extended block on deep, thin layers; asymmetric padding always assembles."""
+    for rank, plans in enumerate(pool2.run(conv_plans)):
+        # the one output column next to the neighbour, and the three extended-block columns it reads
+        band = ((0, 16), (7, 8), (0, 16), (7, 10)) if rank == 0 else ((0, 16), (0, 1), (0, 16), (0, 3))
+        assert plans["wide auto"] == ((1, 1), [band]), plans
+        assert plans["deep auto"] == (None, []), plans
+        assert plans["deep bands"][0] == (1, 1) and len(plans["deep bands"][1]) == 1, plans
+        assert plans["wide assemble"] == (None, []) and plans["same bands"] == (None, []), plans
+        assert "method must be one of" in plans["error"] and "'fast'" in plans["error"], plans

@@ -1,10 +1,17 @@
 """HaloConv2d: a Conv2d on a sharded image, exact against the full image.
 
-Forward (numbered as in the code): 1. receive halo strips, 2. rebuild the extended block,
-3. run the convolution with padding 0, 4. save only the block and the thin strips.
-Backward rebuilds the extended block, runs the convolution backward, and returns the halo
-part of the input gradient to its owners (:func:`halo.exchange.adjoint`); with ``overlap``
-the input gradient comes first and the weight gradient is computed while its halo travels.
+Where the op's zero padding reproduces the extended block's output grid (every symmetric
+"same"-style padding), nothing block-sized is copied. Forward (numbered as in the code):
+1. receive the halo strips, 2. convolve the block itself with that zero padding,
+3. recompute the thin border bands whose windows reach a neighbour's halo from small
+windows of the extended block, 4. save only the block and the thin strips. Backward runs
+the block's own convolution backward (its input gradient is already the extended block's,
+restricted to the block), and corrects it on the border bands: the halo values' share of
+the weight gradient, and the halo part of the input gradient, which returns to its owners
+(:func:`halo.exchange.adjoint_strips`). With ``overlap`` the block's own convolution runs
+while the strips travel, both ways. Deep, thin layers (a block smaller than a few times the
+weight) and other paddings (``padding="same"`` with an even kernel) assemble the extended
+block instead and convolve it with padding 0 (``method``; see :func:`halo_conv2d`).
 The block is the same tensor the previous layer saved, so no second full copy is kept.
 """
 
@@ -15,12 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from halo.errors import HaloNotSupportedError
-from halo.exchange import HaloSpec, adjoint, assemble, halo_strips
+from halo.exchange import (
+    HaloSpec, adjoint, adjoint_strips, assemble, halo_strips, scatter_window, strip_grads, window,
+)
 from halo.mesh import SpatialMesh
 from halo.nn.module import adopt
 from halo.nn._window import check_block, halo_op, is_replicated, mark_replicated, pair, split_local, window_spec
 
 __all__ = ["HaloConv2d", "halo_conv2d"]
+
+Span = tuple[int, int]
 
 
 def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -31,98 +42,156 @@ def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     return x, weight, bias
 
 
-def _inner(n: int, before: int, k: int, s: int, d: int, n_out: int) -> tuple[int, int]:
-    """Outputs ``[lo, hi)`` along one exchanged dim whose windows lie inside the block."""
-    lo = -(-before // s)
-    hi = min(n_out, (n - 1 - d * (k - 1) + before) // s + 1)
-    return lo, max(lo, hi)
-
-
-def _window(lo: int, hi: int, s: int, d: int, k: int) -> slice:
-    """Input rows (from the first window's start) that outputs ``[lo, hi)`` read."""
-    return slice(lo * s, (hi - 1) * s + d * (k - 1) + 1)
-
-
-def _overlapped(x, weight, bias, spec: HaloSpec, padding, stride, dilation, groups, mesh):
-    """Convolve the halo-free inside of the block while the row strips travel, then the borders.
-
-    Returns the strips and the output, equal to the convolution of the assembled block.
-    """
-    (kh, kw), (sh, sw), (dh, dw) = weight.shape[-2:], stride, dilation
-    h, w = x.shape[-2:]
-    size = (spec.top + h + spec.bottom, spec.left + w + spec.right)
-    oh, ow = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(size, padding, dilation, (kh, kw), stride))
-    # a dim left to the op's own padding (spec widths 0) is computed whole in every piece
-    rows = (0, oh) if spec.top == spec.bottom == 0 else _inner(h, spec.top, kh, sh, dh, oh)
-    cols = (0, ow) if spec.left == spec.right == 0 else _inner(w, spec.left, kw, sw, dw, ow)
-    if rows[0] == rows[1] or cols[0] == cols[1]:
+def _native(spec: HaloSpec, padding: tuple[int, int]) -> tuple[int, int] | None:
+    """Zero padding under which the block's own convolution has the extended block's output
+    grid, or None: symmetric padding ``before`` fits wherever the halo after the block is no
+    wider (a same-style op reads at most ``after`` rows past the block's end)."""
+    if spec.bottom > spec.top or spec.right > spec.left:
         return None
+    return padding[0] + spec.top, padding[1] + spec.left
 
-    def inside() -> torch.Tensor:
-        r = _window(*rows, sh, dh, kh) if spec.top or spec.bottom else slice(None)
-        c = _window(*cols, sw, dw, kw) if spec.left or spec.right else slice(None)
-        if isinstance(r, slice) and r.start is not None:
-            r = slice(r.start - spec.top, r.stop - spec.top)
-        if isinstance(c, slice) and c.start is not None:
-            c = slice(c.start - spec.left, c.stop - spec.left)
-        return F.conv2d(x[..., r, c], weight, bias, stride, padding, dilation, groups)
 
-    strips_rows, strips_cols, inner = halo_strips(x, spec, mesh, during=inside)
-    ext = assemble(x, strips_rows, strips_cols, spec)
-    y = inner.new_empty(*inner.shape[:-2], oh, ow)
-    y[..., rows[0] : rows[1], cols[0] : cols[1]] = inner
-    bands = [((0, rows[0]), (0, ow)), ((rows[1], oh), (0, ow)), (rows, (0, cols[0])), (rows, (cols[1], ow))]
-    for (r0, r1), (c0, c1) in bands:
-        if r0 < r1 and c0 < c1:
-            r = _window(r0, r1, sh, dh, kh) if spec.top or spec.bottom else slice(None)
-            c = _window(c0, c1, sw, dw, kw) if spec.left or spec.right else slice(None)
-            y[..., r0:r1, c0:c1] = F.conv2d(ext[..., r, c], weight, bias, stride, padding, dilation, groups)
-    return strips_rows, strips_cols, y
+def _inner(n: int, before: int, k: int, s: int, d: int) -> Span:
+    """Along one dim: outputs from ``lo`` on start inside the block, outputs before ``hi``
+    end inside it (on a block narrower than the window, ``hi < lo``)."""
+    return -(-before // s), (n - 1 - d * (k - 1) + before) // s + 1
+
+
+def _window(lo: int, hi: int, s: int, d: int, k: int) -> Span:
+    """Rows of the extended block that outputs ``[lo, hi)`` read."""
+    return lo * s, (hi - 1) * s + d * (k - 1) + 1
+
+
+def _bands(x_shape, spec: HaloSpec, weight_shape, stride, dilation, out_shape, mesh: SpatialMesh):
+    """``(output rows, output cols, extended-block rows, extended-block cols)`` of the border
+    bands whose windows read a neighbour's halo: rows above and below the halo-free middle
+    (full width), then columns left and right of it (middle rows). Sides at the image edge
+    read only zero padding, which the block's own convolution already has right."""
+    dims = list(zip(x_shape[-2:], (spec.top, spec.left), (spec.bottom, spec.right), weight_shape[-2:], stride,
+                    dilation, out_shape, ("row", "col")))
+    middle = []
+    for n, before, after, k, s, d, n_out, axis in dims:
+        index, size = mesh.axis_index(axis), mesh.axis_size(axis)
+        lo, hi = _inner(n, before, k, s, d)
+        a = min(lo, n_out) if before > 0 and index > 0 else 0
+        middle.append((a, max(min(hi, n_out), a) if after > 0 and index < size - 1 else n_out))
+
+    def read(dim: int, span: Span) -> Span:
+        n, before, after, k, s, d = dims[dim][:6]
+        # a dim without halo is the block's own, convolved with the op's padding
+        return _window(*span, s, d, k) if before or after else (0, n)
+
+    (ra, rb), (ca, cb) = middle
+    oh, ow = out_shape
+    bands = [((0, ra), (0, ow)), ((rb, oh), (0, ow)), ((ra, rb), (0, ca)), ((ra, rb), (cb, ow))]
+    return [(r, c, read(0, r), read(1, c)) for r, c in bands if r[0] < r[1] and c[0] < c[1]]
+
+
+#: "auto" convolves the block and recomputes its border bands where the block has at least
+#: this many elements per band for each weight element: every band costs a weight-sized
+#: gradient in backward, assembling three block-sized copies (deep, thin layers assemble).
+BANDS_MIN_RATIO = 2
+
+METHODS = ("auto", "bands", "assemble")
+
+
+def _plan(x: torch.Tensor, weight: torch.Tensor, spec: HaloSpec, padding, stride, dilation, mesh: SpatialMesh,
+          method: str):
+    """``(native padding, bands)`` for the band method, or ``(None, [])`` to assemble."""
+    native = None if method == "assemble" else _native(spec, padding)
+    if native is None:
+        return None, []
+    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+           for n, p, d, k, s in zip(x.shape[-2:], native, dilation, weight.shape[-2:], stride)]
+    bands = _bands(x.shape, spec, weight.shape, stride, dilation, out, mesh)
+    if method == "auto" and x.numel() < BANDS_MIN_RATIO * len(bands) * weight.numel():
+        return None, []
+    return native, bands
 
 
 class _HaloConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, spec: HaloSpec, padding, stride, dilation, groups, mesh: SpatialMesh,
-                overlap: bool = False):  # type: ignore[override]
+                overlap: bool = False, method: str = "auto"):  # type: ignore[override]
+        ctx.grad_dtype = weight.dtype
         x, weight, bias = _autocast(x, weight, bias)
-        done = _overlapped(x, weight, bias, spec, padding, stride, dilation, groups, mesh) if overlap else None
-        if done is None:
-            (top, bottom), (left, right), _ = halo_strips(x, spec, mesh)  # 1
-            ext = assemble(x, (top, bottom), (left, right), spec)  # 2
-            y = F.conv2d(ext, weight, bias, stride, padding, dilation, groups)  # 3
-        else:  # 1-3, the inside computed while the halos travel
-            (top, bottom), (left, right), y = done
+        native, bands = _plan(x, weight, spec, padding, stride, dilation, mesh, method)
+        if native is None:  # assemble the extended block, convolve it
+            (top, bottom), (left, right), _ = halo_strips(x, spec, mesh)
+            ext = assemble(x, (top, bottom), (left, right), spec)
+            y = F.conv2d(ext, weight, bias, stride, padding, dilation, groups)
+        else:
+            def own() -> torch.Tensor:  # 2
+                return F.conv2d(x, weight, bias, stride, native, dilation, groups)
+
+            (top, bottom), (left, right), y = halo_strips(x, spec, mesh, during=own if overlap else None)  # 1
+            y = own() if y is None else y
+            for (r0, r1), (c0, c1), er, ec in bands:  # 3
+                part = window(x, (top, bottom), (left, right), spec, er, ec)
+                y[..., r0:r1, c0:c1] = F.conv2d(part, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(x, weight, top, bottom, left, right)  # 4
-        ctx.conf = (spec, padding, stride, dilation, groups, mesh, bias is not None)
+        ctx.conf = (spec, padding, native, bands, stride, dilation, groups, mesh, bias is not None)
         ctx.overlap = overlap
         return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         x, weight, top, bottom, left, right = ctx.saved_tensors
-        spec, padding, stride, dilation, groups, mesh, has_bias = ctx.conf
-        ext = assemble(x, (top, bottom), (left, right), spec)
+        spec, padding, native, bands, stride, dilation, groups, mesh, has_bias = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and has_bias
         g = g.contiguous()
+        rows, cols = (top, bottom), (left, right)
 
-        def grads(mask: list[bool]):
+        def grads(g, x, pad, mask: list[bool], bias: bool = False):
             return torch.ops.aten.convolution_backward(
-                g, ext, weight, [weight.shape[0]] if has_bias else None,
-                list(stride), list(padding), list(dilation), False, [0, 0], groups, mask,
+                g, x, weight, [weight.shape[0]] if bias else None,
+                list(stride), list(pad), list(dilation), False, [0, 0], groups, mask,
             )
 
-        if need_x and ctx.overlap and (need_w or need_b):
-            # input gradient first; its halo part travels back while the weight gradient runs
-            gi = grads([True, False, False])[0]
-            wb: list = []
-            gx = adjoint(gi, spec, x.shape, mesh, during=lambda: wb.extend(grads([False, need_w, need_b])[1:]))
-            gw, gb = wb
+        if native is None:
+            ext = assemble(x, rows, cols, spec)
+            if need_x and ctx.overlap and (need_w or need_b):
+                # input gradient first; its halo part travels back while the weight gradient runs
+                gi = grads(g, ext, padding, [True, False, False])[0]
+                wb: list = []
+                gx = adjoint(gi, spec, x.shape, mesh,
+                             during=lambda: wb.extend(grads(g, ext, padding, [False, need_w, need_b], has_bias)[1:]))
+                gw, gb = wb
+            else:
+                gi, gw, gb = grads(g, ext, padding, [need_x, need_w, need_b], has_bias)
+                ext = None  # free the extended block before the exchange
+                gx = adjoint(gi, spec, x.shape, mesh) if need_x else None
+            return gx, gw, gb, None, None, None, None, None, None, None, None
+        # the bands: the halo values' share of the weight gradient, the halo part of the input's
+        g_rows, g_cols = strip_grads(g, spec, x.shape, mesh) if need_x else ((None, None), (None, None))
+        corrections = []
+        for (r0, r1), (c0, c1), er, ec in bands if need_x or need_w else []:
+            halo_only = window(x, rows, cols, spec, er, ec, block=False)
+            gi, gw, _ = grads(g[..., r0:r1, c0:c1].contiguous(), halo_only, padding, [need_x, need_w, False])
+            corrections.append(gw)
+            if need_x:
+                scatter_window(gi, g_rows, g_cols, spec, x.shape, er, ec)
+        found: list = []
+
+        def own() -> torch.Tensor | None:  # the block's own convolution backward
+            found.extend(grads(g, x, native, [need_x, need_w, need_b], has_bias))
+            return found[0]
+
+        if not need_x:
+            own()
+            gx = None
+        elif ctx.overlap:
+            gx = adjoint_strips(g_rows, g_cols, spec, x.shape, mesh, own, g)
         else:
-            gi, gw, gb = grads([need_x, need_w, need_b])
-            ext = None  # free the extended block before the exchange
-            gx = adjoint(gi, spec, x.shape, mesh) if need_x else None
-        return gx, gw, gb if has_bias else None, None, None, None, None, None, None, None
+            block = own()
+            gx = adjoint_strips(g_rows, g_cols, spec, x.shape, mesh, lambda: block, g)
+        _, gw, gb = found
+        if need_w and corrections:
+            gw = gw.to(ctx.grad_dtype)
+            for part in corrections:
+                gw.add_(part)
+        return gx, gw, gb if has_bias else None, None, None, None, None, None, None, None, None
 
 
 def halo_conv2d(
@@ -136,16 +205,23 @@ def halo_conv2d(
     groups: int,
     padding: tuple[int, int] = (0, 0),
     overlap: bool = False,
+    method: str = "auto",
 ) -> torch.Tensor:
     """Convolution of a local block with halo exchange; ``spec`` from :func:`window_spec`.
 
     ``padding`` is applied by the convolution itself, on dims that are not sharded
-    (see :func:`halo.nn._window.split_local`). With ``overlap`` the part of the output that
-    needs no halo is computed while the row strips travel, then the border bands.
+    (see :func:`halo.nn._window.split_local`). With ``overlap`` the block's own convolution
+    runs while the halo strips travel (forward) and while the halo gradients travel back
+    (backward); the border bands follow. ``method``: ``"bands"`` convolves the block with
+    zero padding and recomputes the border bands (where the padding is symmetric),
+    ``"assemble"`` builds the extended block, ``"auto"`` picks per call (:data:`BANDS_MIN_RATIO`).
+    All three are exact; ``overlap`` applies to the band method's forward.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if spec.is_empty:
         overlap = False
-    return _HaloConv2dFn.apply(x, weight, bias, spec, padding, stride, dilation, groups, mesh, overlap)
+    return _HaloConv2dFn.apply(x, weight, bias, spec, padding, stride, dilation, groups, mesh, overlap, method)
 
 
 class HaloConv2d(nn.Conv2d):
@@ -157,8 +233,10 @@ class HaloConv2d(nn.Conv2d):
 
     mesh: SpatialMesh
     halo_name: str
-    #: compute the halo-free inside while the halos travel (see :func:`halo_conv2d`)
+    #: convolve the block while the halos travel (see :func:`halo_conv2d`)
     overlap: bool = False
+    #: "auto", "bands" or "assemble" (see :func:`halo_conv2d`)
+    method: str = "auto"
 
     @classmethod
     def from_module(cls, module: nn.Conv2d, mesh: SpatialMesh, name: str = "conv") -> "HaloConv2d":
@@ -182,5 +260,5 @@ class HaloConv2d(nn.Conv2d):
         check_block(x, self.halo_spec, self.stride, self.halo_name, "Conv2d")
         return halo_conv2d(
             x, self.weight, self.bias, self.mesh, self.halo_exchange, pair(self.stride), pair(self.dilation),
-            self.groups, self.halo_padding, self.overlap,
+            self.groups, self.halo_padding, self.overlap, self.method,
         )

@@ -287,7 +287,7 @@ def _split_sync_cost(log: list[list[float]]) -> tuple[float, float]:
 
 
 def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, steps: int, sharded: bool = True,
-                overlap: bool | None = None) -> dict[str, float]:
+                overlap: bool | None = None, method: str | None = None) -> dict[str, float]:
     """Median seconds of a training step (forward, backward) after one warm-up, slowest rank.
 
     Also the median seconds this rank spends blocked in halo p2p waits (``wait``), and
@@ -299,16 +299,16 @@ def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, ste
     ``after`` split the synchronisations' cost into how far apart the ranks arrive and what
     passes after the last arrives
     (:func:`_split_sync_cost`; meaningful with ``overlap`` off, where every post is waited
-    for at once). ``overlap`` sets ``HaloConv2d.overlap`` where the layer has it.
+    for at once). ``overlap`` and ``method`` set ``HaloConv2d.overlap`` and ``.method``.
     """
     import torch
     import torch.distributed as dist
 
     model, x, _ = _setup(name, rows, cols, h, w, batch, sharded)
-    if overlap is not None:
+    for attr, value in (("overlap", overlap), ("method", method)):
         for m in model.modules():
-            if hasattr(m, "overlap"):
-                m.overlap = overlap
+            if value is not None and hasattr(m, attr):
+                setattr(m, attr, value)
     real = dist.batch_isend_irecv
     wait, post = [0.0], [0.0]
     log: list[list[float]] = []  # [enter, exit] of every synchronisation of the step

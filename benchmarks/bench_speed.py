@@ -32,40 +32,44 @@ __all__ = ["main"]
 
 def measure(name: str, size: int, meshes: list[tuple[int, int]], steps: int, batch: int) -> list[dict]:
     """One-process reference, the control, halo 1x1, and per mesh: plain torch on one block
-    (the compute-only ceiling) and halo with overlap off and on."""
+    (the compute-only ceiling), halo with overlap off and on, and halo assembling every
+    extended block."""
     one = run_ranks(timed_steps, 1, name, 1, 1, size, size, batch, steps, False)[0]
-    out = [{"size": size, "mesh": "one process", "P": 1, **one, "eff": 1.0, "overlap": "-"}]
+    out = [{"size": size, "mesh": "one process", "P": 1, **one, "eff": 1.0, "overlap": "-", "method": "-"}]
     # Control: two plain processes on the whole image at once, no communication. Their
     # slowdown is what the machine itself costs two busy ranks (shared cores, memory).
     both = run_ranks(timed_steps, 2, name, 1, 1, size, size, batch, steps, False)[0]
     out.append({"size": size, "mesh": "2 x one process, concurrent (control)", "P": 1, **both,
-                "eff": one["step"] / both["step"], "overlap": "-"})
+                "eff": one["step"] / both["step"], "overlap": "-", "method": "-"})
     print(f"{name} {size} machine ceiling for 2 busy processes: {out[-1]['eff']:.3f}", flush=True)
     for rows, cols in [(1, 1), *meshes]:
         p = rows * cols
         if p > 1:  # plain torch on a block-sized image: what P ranks would take with free communication
             alone = run_ranks(timed_steps, 1, name, 1, 1, size // rows, size // cols, batch, steps, False)[0]
             out.append({"size": size, "mesh": f"plain torch on one {rows}x{cols} block, no communication", "P": p,
-                        **alone, "eff": one["step"] / (p * alone["step"]), "overlap": "-"})
-        for ov in (False, True):
-            res = run_ranks(timed_steps, p, name, rows, cols, size, size, batch, steps, True, ov)
+                        **alone, "eff": one["step"] / (p * alone["step"]), "overlap": "-", "method": "-"})
+        for ov, method in ((False, "auto"), (True, "auto"), (False, "assemble")):
+            if p == 1 and method != "auto":
+                continue
+            res = run_ranks(timed_steps, p, name, rows, cols, size, size, batch, steps, True, ov, method)
             row = {"size": size, "mesh": f"{rows}x{cols}", "P": p, "step": res[0]["step"],
                    "wait": max(r["wait"] for r in res), "post": max(r["post"] for r in res),
                    "main_cpu": max(r["main_cpu"] for r in res), "other_cpu": max(r["other_cpu"] for r in res),
                    "spread": res[0]["spread"], "after": res[0]["after"],
                    "queued_main": max(r["queued_main"] for r in res), "queued_other": max(r["queued_other"] for r in res),
-                   "syncs": res[0]["syncs"], "eff": one["step"] / (p * res[0]["step"]), "overlap": "on" if ov else "off"}
+                   "syncs": res[0]["syncs"], "eff": one["step"] / (p * res[0]["step"]), "overlap": "on" if ov else "off",
+                   "method": method}
             out.append(row)
-            print(f"{name} {size} {row['mesh']} overlap={row['overlap']}: step {row['step']:.3f} s, "
+            print(f"{name} {size} {row['mesh']} overlap={row['overlap']} method={method}: step {row['step']:.3f} s, "
                   f"efficiency {row['eff']:.3f}, {row['syncs']} syncs, halo wait {row['wait']:.3f} s", flush=True)
     return out
 
 
 def table(name: str, rows: list[dict]) -> str:
-    header = ["model", "image", "mesh", "P", "overlap", "step s", "efficiency t1/(P tP)", "syncs / step",
+    header = ["model", "image", "mesh", "P", "overlap", "convolution", "step s", "efficiency t1/(P tP)", "syncs / step",
               "main-thread CPU s", "comm-thread CPU s", "halo wait s / step", "halo post s / step"]
     return markdown_table(header, [
-        [name, f"{r['size']}x{r['size']}", r["mesh"], r["P"], r["overlap"], f"{r['step']:.3f}", f"{r['eff']:.3f}",
+        [name, f"{r['size']}x{r['size']}", r["mesh"], r["P"], r["overlap"], r["method"], f"{r['step']:.3f}", f"{r['eff']:.3f}",
          r["syncs"], f"{r['main_cpu']:.3f}", f"{r['other_cpu']:.3f}", f"{r['wait']:.3f}", f"{r['post']:.3f}"]
         for r in rows])
 
@@ -76,7 +80,7 @@ def floor_text(latency: dict[str, float], rows: list[dict]) -> str:
              f"{latency['gather'] * 1e3:.2f} ms, p2p strip swap {latency['p2p'] * 1e3:.2f} ms. Overhead of each "
              "halo run (overlap off) over plain torch on one block of the same size:"]
     for r in rows:
-        if r["P"] == 1 or r["overlap"] != "off":
+        if r["P"] == 1 or r["overlap"] != "off" or r["method"] != "auto":
             continue
         block = next(b for b in rows if b["size"] == r["size"] and b["mesh"].startswith("plain torch on one "
                                                                                          f"{r['mesh']} block"))
@@ -119,9 +123,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "The control row runs two plain one-process jobs at once (t1 / t_concurrent: what the machine "
         "allows two busy processes). The *plain torch on one block* rows run one process on an image "
         "the size of one block, with no communication: the efficiency P ranks would reach if "
-        "synchronising were free. *Overlap on* computes the halo-free inside of each convolution while "
-        "its halo travels (forward) and the weight gradient while the input-gradient halo travels "
-        "back (backward).\n\n"))
+        "synchronising were free. *Overlap on* convolves each block while its halo travels "
+        "(forward) and runs its convolution backward while the halo gradients travel back. "
+        "*Convolution* `auto` (the default) convolves a block with zero padding and recomputes only its "
+        "border bands where the block has at least as many elements per band as the weight, and "
+        "assembles the halo-extended block elsewhere; `assemble` builds the extended block in every "
+        "convolution (three block-sized copies per convolution and step).\n\n"))
     return rows
 
 

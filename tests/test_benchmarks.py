@@ -23,6 +23,7 @@ SCRIPTS = {
     "bench_plan.py": "activation_bytes_per_rank",
     "bench_read.py": "read_block MB/s",
     "bench_gpu.py": "halo / plain",
+    "bench_conv.py": "bands / assemble",
 }
 
 

@@ -90,7 +90,8 @@ def _bands(x_shape, spec: HaloSpec, weight_shape, stride, dilation, out_shape, m
 #: "auto" convolves the block and recomputes its border bands where the block has at least
 #: this many elements per band for each weight element: every band costs a weight-sized
 #: gradient in backward, assembling three block-sized copies (deep, thin layers assemble).
-BANDS_MIN_RATIO = 2
+#: Measured per ResNet-18 stage by ``benchmarks/bench_conv.py``.
+BANDS_MIN_RATIO = 1
 
 METHODS = ("auto", "bands", "assemble")
 

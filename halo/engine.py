@@ -196,9 +196,9 @@ class Engine:
             if improved:
                 state["best_auc"], state["best_epoch"] = metrics["auc"], epoch + 1
             state["epoch"] = epoch + 1
-            self._save(last, opt, sched, state)
-            if improved and self.is_main:
-                save_atomic(torch.load(last, weights_only=True), self.run_dir / "checkpoints" / "best.pt")
+            # best.pt before last.pt: a job stopped in between resumes from the previous last.pt
+            # and redoes this epoch; a last.pt that names a best epoch always has its best.pt
+            self._save([self.run_dir / "checkpoints" / "best.pt", last] if improved else [last], opt, sched, state)
             if self.is_main:
                 self._write_metrics(state["history"])
                 self._write_predictions(rows)
@@ -317,14 +317,17 @@ class Engine:
         return summary
 
     # -- checkpoints ------------------------------------------------------------------
-    def _save(self, path: Path, opt, sched, state: dict) -> None:
+    def _save(self, paths: list[Path], opt, sched, state: dict) -> None:
+        """Write one checkpoint to each of ``paths`` in order (on the main rank), then wait for all ranks."""
         rng = _all_gather(torch.get_rng_state())
         if self.is_main:
-            save_atomic({
+            ckpt = {
                 "format": CKPT_FORMAT, "signature": self.signature, "model_state": self.model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng,
                 "state": {k: v for k, v in state.items()}, "config": OmegaConf.to_container(self.cfg, resolve=True),
-            }, path)
+            }
+            for path in paths:
+                save_atomic(ckpt, path)
         dist.barrier()
 
     def _restore(self, path: Path, opt, sched) -> dict:

@@ -25,6 +25,7 @@ from halo.errors import HaloNotSupportedError
 from halo.exchange import (
     HaloSpec, adjoint, adjoint_strips, assemble, halo_strips, scatter_window, strip_grads, window,
 )
+from halo.geometry import conv_output_size
 from halo.mesh import SpatialMesh
 from halo.nn.module import adopt
 from halo.nn._window import check_block, halo_op, is_replicated, mark_replicated, pair, split_local, window_spec
@@ -102,8 +103,8 @@ def _plan(x: torch.Tensor, weight: torch.Tensor, spec: HaloSpec, padding, stride
     native = None if method == "assemble" else _native(spec, padding)
     if native is None:
         return None, []
-    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-           for n, p, d, k, s in zip(x.shape[-2:], native, dilation, weight.shape[-2:], stride)]
+    out = [conv_output_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[-2:], weight.shape[-2:], stride, native,
+                                                                      dilation)]
     bands = _bands(x.shape, spec, weight.shape, stride, dilation, out, mesh)
     if method == "auto" and x.numel() < BANDS_MIN_RATIO * len(bands) * weight.numel():
         return None, []

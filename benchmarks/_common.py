@@ -26,7 +26,7 @@ from typing import Any
 
 __all__ = [
     "run_ranks", "machine", "write_section", "measure_step", "timed_steps", "RESULTS", "count_sends",
-    "markdown_table", "parser", "report", "sync_latency",
+    "markdown_table", "parser", "report", "sync_latency", "mimic_halo_syncs",
 ]
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -72,12 +72,19 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, 
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(results) < world:
             try:
-                rank, ok, value = out.get(timeout=timeout)
+                rank, ok, value = out.get(timeout=1.0)
             except queue.Empty:
-                raise RuntimeError(f"{fn.__name__} did not finish within {timeout} s") from None
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+                if dead:  # died before reporting (a crash, or it could not even unpickle fn)
+                    raise RuntimeError(f"{fn.__name__}: rank {dead[0]} exited with code {procs[dead[0]].exitcode} "
+                                       "without a result") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{fn.__name__} did not finish within {timeout} s") from None
+                continue
             if not ok:
                 raise RuntimeError(f"{fn.__name__} failed on rank {rank}:\n{value}")
             results[rank] = value
@@ -286,8 +293,67 @@ def _split_sync_cost(log: list[list[float]]) -> tuple[float, float]:
     return spread, after
 
 
+def mimic_halo_syncs(model, rows: int, cols: int, exchanges: bool = True) -> list:
+    """Make a plain model on one block synchronise where its halo twin would, and nothing more.
+
+    Two ranks on a 1x2 or 2x1 mesh. Before every convolution and max pooling whose window
+    needs a halo, the ranks swap a strip of the input as wide as the layer's padding, and
+    in backward a strip of that input's gradient (the adjoint); every batch norm all-gathers
+    its per-channel statistics in forward and its two gradient sums in backward, and global
+    pooling its per-channel sums both ways. The messages have the halo run's sizes and pass
+    through the same calls; no halo arithmetic runs. ``exchanges=False`` keeps only the
+    statistics: the synchronisations every exact batch-norm network has, as if each halo
+    exchange travelled with one of them. Returns the hook handles.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from halo.nn._collectives import gather_ranks
+
+    if dist.get_world_size() != 2 or rows * cols != 2:
+        raise ValueError("mimic_halo_syncs runs on two ranks, a 1x2 or 2x1 mesh")
+    peer, dim = 1 - dist.get_rank(), 3 if cols == 2 else 2
+
+    def swap(t: torch.Tensor, width: int) -> None:
+        strip = t.detach().narrow(dim, 0, width).contiguous()
+        got = torch.empty_like(strip)
+        for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, got, peer), dist.P2POp(dist.isend, strip, peer)]):
+            work.wait()
+
+    def halo_layer(width: int):
+        def pre(_module, args):
+            swap(args[0], width)
+            if args[0].requires_grad:
+                args[0].register_hook(lambda g: swap(g, width))
+        return pre
+
+    def statistics(factor: int):
+        def post(_module, args, out):
+            channels = out.shape[1]
+            gather_ranks(torch.zeros(factor * channels + 1), None)
+            if out.requires_grad:
+                def back(_grad: torch.Tensor) -> None:
+                    gather_ranks(torch.zeros(factor * channels), None)
+                out.register_hook(back)
+        return post
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and exchanges:
+            padding = m.padding if isinstance(m.padding, tuple) else (m.padding, m.padding)
+            width = padding[dim - 2]
+            if isinstance(width, int) and width > 0:
+                handles.append(m.register_forward_pre_hook(halo_layer(width)))
+        elif isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_hook(statistics(2)))
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            handles.append(m.register_forward_hook(statistics(1)))
+    return handles
+
+
 def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, steps: int, sharded: bool = True,
-                overlap: bool | None = None, method: str | None = None) -> dict[str, float]:
+                overlap: bool | None = None, method: str | None = None, mimic: str | None = None) -> dict[str, float]:
     """Median seconds of a training step (forward, backward) after one warm-up, slowest rank.
 
     Also the median seconds this rank spends blocked in halo p2p waits (``wait``), and
@@ -300,11 +366,18 @@ def timed_steps(name: str, rows: int, cols: int, h: int, w: int, batch: int, ste
     passes after the last arrives
     (:func:`_split_sync_cost`; meaningful with ``overlap`` off, where every post is waited
     for at once). ``overlap`` and ``method`` set ``HaloConv2d.overlap`` and ``.method``.
+    ``mimic`` (with ``sharded=False``, ``h x w`` one block's size) adds the synchronisations
+    of a halo run on a ``rows x cols`` mesh to the plain model (:func:`mimic_halo_syncs`):
+    ``"all"`` of them, or the batch-norm ``"statistics"`` only.
     """
     import torch
     import torch.distributed as dist
 
     model, x, _ = _setup(name, rows, cols, h, w, batch, sharded)
+    if mimic not in (None, "all", "statistics"):
+        raise ValueError(f"mimic must be None, 'all' or 'statistics', not {mimic!r}")
+    if mimic:  # plain torch on a block-sized image, synchronising as a halo run on (rows, cols) does
+        mimic_halo_syncs(model, rows, cols, exchanges=mimic == "all")
     for attr, value in (("overlap", overlap), ("method", method)):
         for m in model.modules():
             if value is not None and hasattr(m, attr):

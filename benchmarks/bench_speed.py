@@ -30,10 +30,25 @@ from _common import markdown_table, parser, run_ranks, sync_latency, timed_steps
 __all__ = ["main"]
 
 
+MIMIC_ALL = "+ the halo run's synchronisations, no halo arithmetic"
+MIMIC_STATS = "+ batch-norm synchronisations only"
+
+
+def _row(size: int, mesh: str, p: int, res: list[dict], one: dict, overlap: str, method: str) -> dict:
+    """A table row from every rank's :func:`timed_steps` (slowest rank's step, worst of the rest)."""
+    return {"size": size, "mesh": mesh, "P": p, "step": res[0]["step"],
+            "wait": max(r["wait"] for r in res), "post": max(r["post"] for r in res),
+            "main_cpu": max(r["main_cpu"] for r in res), "other_cpu": max(r["other_cpu"] for r in res),
+            "spread": res[0]["spread"], "after": res[0]["after"],
+            "queued_main": max(r["queued_main"] for r in res), "queued_other": max(r["queued_other"] for r in res),
+            "syncs": res[0]["syncs"], "eff": one["step"] / (p * res[0]["step"]), "overlap": overlap, "method": method}
+
+
 def measure(name: str, size: int, meshes: list[tuple[int, int]], steps: int, batch: int) -> list[dict]:
     """One-process reference, the control, halo 1x1, and per mesh: plain torch on one block
-    (the compute-only ceiling), halo with overlap off and on, and halo assembling every
-    extended block."""
+    (the compute-only ceiling), on two ranks the same block synchronising as halo does (all
+    of halo's synchronisations, then batch norm's only), halo with overlap off and on, and
+    halo assembling every extended block."""
     one = run_ranks(timed_steps, 1, name, 1, 1, size, size, batch, steps, False)[0]
     out = [{"size": size, "mesh": "one process", "P": 1, **one, "eff": 1.0, "overlap": "-", "method": "-"}]
     # Control: two plain processes on the whole image at once, no communication. Their
@@ -48,17 +63,16 @@ def measure(name: str, size: int, meshes: list[tuple[int, int]], steps: int, bat
             alone = run_ranks(timed_steps, 1, name, 1, 1, size // rows, size // cols, batch, steps, False)[0]
             out.append({"size": size, "mesh": f"plain torch on one {rows}x{cols} block, no communication", "P": p,
                         **alone, "eff": one["step"] / (p * alone["step"]), "overlap": "-", "method": "-"})
+            if p == 2:  # the same block computation, synchronising as halo does (every sync, or statistics only)
+                for mimic, label in (("all", MIMIC_ALL), ("statistics", MIMIC_STATS)):
+                    res = run_ranks(timed_steps, p, name, rows, cols, size // rows, size // cols, batch, steps, False,
+                                    None, None, mimic)
+                    out.append(_row(size, f"plain torch on one {rows}x{cols} block {label}", p, res, one, "-", "-"))
         for ov, method in ((False, "auto"), (True, "auto"), (False, "assemble")):
             if p == 1 and method != "auto":
                 continue
             res = run_ranks(timed_steps, p, name, rows, cols, size, size, batch, steps, True, ov, method)
-            row = {"size": size, "mesh": f"{rows}x{cols}", "P": p, "step": res[0]["step"],
-                   "wait": max(r["wait"] for r in res), "post": max(r["post"] for r in res),
-                   "main_cpu": max(r["main_cpu"] for r in res), "other_cpu": max(r["other_cpu"] for r in res),
-                   "spread": res[0]["spread"], "after": res[0]["after"],
-                   "queued_main": max(r["queued_main"] for r in res), "queued_other": max(r["queued_other"] for r in res),
-                   "syncs": res[0]["syncs"], "eff": one["step"] / (p * res[0]["step"]), "overlap": "on" if ov else "off",
-                   "method": method}
+            row = _row(size, f"{rows}x{cols}", p, res, one, "on" if ov else "off", method)
             out.append(row)
             print(f"{name} {size} {row['mesh']} overlap={row['overlap']} method={method}: step {row['step']:.3f} s, "
                   f"efficiency {row['eff']:.3f}, {row['syncs']} syncs, halo wait {row['wait']:.3f} s", flush=True)
@@ -82,8 +96,8 @@ def floor_text(latency: dict[str, float], rows: list[dict]) -> str:
     for r in rows:
         if r["P"] == 1 or r["overlap"] != "off" or r["method"] != "auto":
             continue
-        block = next(b for b in rows if b["size"] == r["size"] and b["mesh"].startswith("plain torch on one "
-                                                                                         f"{r['mesh']} block"))
+        block = next(b for b in rows if b["size"] == r["size"]
+                     and b["mesh"] == f"plain torch on one {r['mesh']} block, no communication")
         extra = r["step"] - block["step"]
         lines.append(
             f"- {r['size']}x{r['size']} {r['mesh']}: {r['step']:.3f} s = {block['step']:.3f} s + {extra:.3f} s, "
@@ -94,7 +108,23 @@ def floor_text(latency: dict[str, float], rows: list[dict]) -> str:
             f"({r['after'] / max(r['syncs'], 1) * 1e3:.2f} ms each). Runnable but waiting for a CPU: main thread "
             f"{r['queued_main']:.3f} s, gloo's threads {r['queued_other']:.3f} s (plain torch on one block: "
             f"{block['queued_main']:.3f} s).")
-    return "\n".join(lines)
+    ceilings = ["", "What synchronising itself costs on this machine: the plain block computation on two ranks, "
+                "first with every synchronisation of the halo run (same calls, same message sizes, no halo "
+                "arithmetic), then with only those of batch norm (as if every halo exchange travelled with a "
+                "batch-norm reduction: the fewest an exact training-mode batch-norm network has). Efficiency, "
+                "with syncs per step:"]
+    for r in rows:
+        if r["P"] != 2 or r["overlap"] != "off" or r["method"] != "auto":
+            continue
+        prefix = f"plain torch on one {r['mesh']} block "
+        same = [b for b in rows if b["size"] == r["size"] and b["mesh"] in (prefix + MIMIC_ALL, prefix + MIMIC_STATS)]
+        if len(same) == 2:
+            every, stats = same
+            ceilings.append(
+                f"- {r['size']}x{r['size']} {r['mesh']}: halo {r['eff']:.3f} ({r['syncs']}); plain block with the same "
+                f"synchronisations {every['eff']:.3f} ({every['syncs']}); with batch norm's only {stats['eff']:.3f} "
+                f"({stats['syncs']}); with none {next(b['eff'] for b in rows if b['size'] == r['size'] and b['mesh'] == prefix[:-1] + ', no communication'):.3f}.")
+    return "\n".join(lines + (ceilings if len(ceilings) > 2 else []))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

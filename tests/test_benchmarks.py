@@ -40,3 +40,18 @@ def test_quick_mode(script: str) -> None:
     assert SCRIPTS[script] in proc.stdout, proc.stdout[-4000:]
     after = results.read_text() if results.exists() else None
     assert after == before, "--quick must not rewrite RESULTS.md"
+
+
+@pytest.mark.timeout(300)
+def test_mimic_synchronises_as_the_halo_run_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_speed's ceiling rows are plain torch on one block plus halo's synchronisations:
+    as many per step as the halo run has, or batch norm's and global pooling's only."""
+    monkeypatch.syspath_prepend(str(BENCH))  # the spawned ranks import timed_steps from there too
+    from _common import run_ranks, timed_steps
+
+    halo = run_ranks(timed_steps, 2, "resnet18", 1, 2, 64, 64, 1, 1, True, timeout=240)
+    every = run_ranks(timed_steps, 2, "resnet18", 1, 2, 64, 32, 1, 1, False, None, None, "all", timeout=240)
+    stats = run_ranks(timed_steps, 2, "resnet18", 1, 2, 64, 32, 1, 1, False, None, None, "statistics", timeout=240)
+    assert every[0]["syncs"] == halo[0]["syncs"] > 0
+    # ResNet-18: 20 batch norms and global pooling, each once forward and once backward
+    assert stats[0]["syncs"] == 2 * (20 + 1)

@@ -215,11 +215,12 @@ def window(x: torch.Tensor, rows: Strips, cols: Strips, spec: HaloSpec, r: tuple
 
 
 def scatter_window(g: torch.Tensor, rows: Strips, cols: Strips, spec: HaloSpec, shape: torch.Size,
-                   r: tuple[int, int], c: tuple[int, int]) -> None:
+                   r: tuple[int, int], c: tuple[int, int], block: torch.Tensor | None = None) -> None:
     """Add the halo part of ``g``, the gradient of the window ``r x c`` of the extended block,
     into the strip gradients ``rows`` and ``cols`` (None where nothing goes back): the
-    adjoint of :func:`window` with ``block=False``."""
-    for piece, (rs, cs) in _overlaps(_placed(None, rows, cols, spec, *shape[-2:]), r, c):
+    adjoint of :func:`window` with ``block=False``. With ``block`` (the block's gradient, of
+    ``shape``) the block's part is added there too: the adjoint of :func:`window`."""
+    for piece, (rs, cs) in _overlaps(_placed(block, rows, cols, spec, *shape[-2:]), r, c):
         piece.add_(g[..., rs, cs])
 
 

@@ -8,10 +8,10 @@ slide is never allocated.
 
 Saved bytes follow what autograd really keeps (checked against
 ``torch.autograd.graph.saved_tensors_hooks`` in the tests): a convolution saves its input
-block and, in halo, the thin halo strips; max pooling the same plus int64 indices; batch
-norm saves its input; ReLU its output; average pooling the halo-extended input; global
-pooling nothing. A tensor
-saved by two layers (a ReLU's output feeding a convolution) is counted once, and
+block and, in halo, the thin halo strips; max pooling int64 indices (in halo also those of
+its border bands; plain torch also keeps the input); batch norm saves its input; ReLU its
+output; average pooling the halo-extended input; global pooling nothing. A tensor saved by
+two layers (a ReLU's output feeding a convolution) is counted once, and
 parameters and buffers are not activations. Functional ops inside a model's ``forward``
 (residual additions) save nothing and are not seen. Parameters, gradients and the two
 AdamW states are float32 (autocast keeps master weights in float32); activations use
@@ -35,7 +35,7 @@ from torch import nn
 
 from halo.exchange import HaloSpec
 from halo.geometry import padded_size
-from halo.nn._window import pair, split_local, window_spec
+from halo.nn._window import border_bands, native_padding, pair, split_local, window_spec
 
 __all__ = ["LayerPlan", "Plan", "plan", "plan_model", "measure_saved_bytes", "build_model", "main"]
 
@@ -165,6 +165,17 @@ def _halo(m: nn.Module, name: str) -> HaloSpec | None:
     return None
 
 
+def _band_outputs(m: nn.MaxPool2d, spec: HaloSpec, padding: tuple[int, int], ins: tuple[int, ...],
+                  outs: tuple[int, ...]) -> int:
+    """Outputs of a max pooling's border bands on a block of shape ``ins``: every rank keeps
+    their indices besides the block's own (none where the pooling assembles its block)."""
+    if native_padding(spec, padding) is None:
+        return 0
+    stride = m.stride if m.stride is not None else m.kernel_size
+    bands = border_bands(ins, spec, pair(m.kernel_size), pair(stride), pair(m.dilation), outs[-2:])
+    return outs[0] * outs[1] * sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1), _, _ in bands)
+
+
 _WINDOW_OR_NORM = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.BatchNorm2d)
 _SAVES_OUTPUT = (nn.ReLU, nn.Sigmoid, nn.Tanh)
 _SAVES_NOTHING = (nn.Flatten, nn.Identity, nn.AdaptiveAvgPool2d, nn.Dropout2d, nn.Dropout)
@@ -238,8 +249,9 @@ def plan_model(
     for r in records:
         m, ins, outs = r.module, scale(r.ins[1]), scale(r.out[1])
         spec = _halo(m, r.name) if halo_layers else None
+        local_pad = (0, 0)
         if spec is not None and isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
-            spec = split_local(spec, grid)[0]  # unsharded dims use the op's own padding
+            spec, local_pad = split_local(spec, grid)  # unsharded dims use the op's own padding
         elif spec is not None and rows * cols == 1:  # average pooling on one rank is plain torch
             spec = None
         if spec is not None and spec.is_empty:
@@ -249,6 +261,8 @@ def plan_model(
         nin, nout = _numel(ins), _numel(outs)
         if isinstance(m, nn.MaxPool2d):  # int64 indices; plain torch also keeps the input
             fresh += nout * 8
+            if spec is not None:  # by bands, also those of the border bands' outputs
+                fresh += _band_outputs(m, spec, local_pad, ins, outs) * 8
             if not halo_layers:
                 keyed.append((r.ins[0], nin * eb))
         elif isinstance(m, nn.Conv2d):  # the block (shared) and the thin strips

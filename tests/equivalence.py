@@ -62,13 +62,13 @@ def check_equivalence(
     steps: int = 1,
     lr: float = 0.0,
     overlap: bool = False,
-    conv_method: str = "auto",
+    method: str = "auto",
 ) -> dict[str, float]:
     """Worst relative errors (by quantity) of the sharded model against one device.
 
     With ``steps > 1`` and ``lr > 0`` an SGD step is taken after each backward, and the
-    comparison also covers the updated weights. ``conv_method`` sets every
-    :class:`halo.nn.HaloConv2d`'s ``method``.
+    comparison also covers the updated weights. ``method`` sets every
+    :class:`halo.nn.HaloConv2d`'s and :class:`halo.nn.HaloMaxPool2d`'s ``method``.
     """
     mesh = shared_mesh(rows, cols)
     d = mesh.coords[0]
@@ -78,8 +78,8 @@ def check_equivalence(
     images = torch.randn(mesh.data, channels, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     halo.parallelize(model, mesh, overlap=overlap)
     for m in model.modules():
-        if isinstance(m, halo.nn.HaloConv2d):
-            m.method = conv_method
+        if isinstance(m, (halo.nn.HaloConv2d, halo.nn.HaloMaxPool2d)):
+            m.method = method
     ref.train(train)
     model.train(train)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=lr) if lr else None

@@ -25,6 +25,8 @@ LAYERS = {
     "conv_same": lambda: nn.Sequential(nn.Conv2d(3, 4, 4, padding="same"), *head(4)),
     "conv_stride2_pad0_k2": lambda: nn.Sequential(nn.Conv2d(3, 4, 2, stride=2), *head(4)),
     "maxpool3s2": lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.MaxPool2d(3, 2, 1), *head(4)),
+    # ReLU zeros tie inside windows: the first maximum in scan order must win on every rank
+    "maxpool_relu": lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), *head(4)),
     "maxpool2": lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.MaxPool2d(2), *head(4)),
     "maxpool_dilated": lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.MaxPool2d(3, 4, 1, dilation=2), *head(4)),
     "avgpool3s1_incl": lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.AvgPool2d(3, 1, 1), *head(4)),

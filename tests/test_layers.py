@@ -11,9 +11,9 @@ MESHES2 = [(1, 2), (2, 1)]
 
 
 def run_layer(name: str, rows: int, cols: int, train: bool, h: int, w: int, overlap: bool = False,
-              conv_method: str = "auto") -> dict[str, float]:
+              method: str = "auto") -> dict[str, float]:
     return check_equivalence(LAYERS[name], rows, cols, h, w, channels=4 if "group" in name or "depthwise" in name else 3,
-                             train=train, overlap=overlap, conv_method=conv_method)
+                             train=train, overlap=overlap, method=method)
 
 
 
@@ -56,14 +56,25 @@ def test_conv_methods_and_overlap_are_exact(pool4, name: str, method: str) -> No
             assert_exact(pool4.run(run_layer, name, rows, cols, True, 16 * rows, 16 * cols, overlap, method))
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", ["bands", "assemble"])
+def test_max_pool_methods_are_exact(pool4, method: str) -> None:
+    """Max pooling of the block with its border bands recomputed, or of the assembled
+    extended block: the one-device numbers, ties between ReLU zeros included."""
+    for name in sorted(n for n in LAYERS if n.startswith("maxpool")):
+        for rows, cols in [(2, 2), (4, 1), (1, 2)]:
+            assert_exact(pool4.run(run_layer, name, rows, cols, True, 16 * rows, 16 * cols, False, method))
+
+
 # The thinnest block each convolution accepts along the sharded dim (a multiple of the
 # stride, at least its widest halo): windows there reach past the block on both sides.
-THINNEST = {"conv3x3": 1, "conv7x7s2": 4, "conv_dilated": 2, "conv5x5s4": 4, "conv_depthwise": 2}
+THINNEST = {"conv3x3": 1, "conv7x7s2": 4, "conv_dilated": 2, "conv5x5s4": 4, "conv_depthwise": 2,
+            "maxpool3s2": 2, "maxpool_relu": 2, "maxpool_dilated": 4}
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(THINNEST))
-def test_conv_on_blocks_narrower_than_its_window(pool2, name: str) -> None:
+def test_window_op_on_blocks_narrower_than_its_window(pool2, name: str) -> None:
     """Border bands meet or cross in the middle of the block: still the one-device numbers,
     with the block convolved before and while the halos travel."""
     thin = THINNEST[name]
@@ -111,3 +122,47 @@ def test_conv_method_choice(pool2) -> None:
         assert plans["deep bands"][0] == (1, 1) and len(plans["deep bands"][1]) == 1, plans
         assert plans["wide assemble"] == (None, []) and plans["same bands"] == (None, []), plans
         assert "method must be one of" in plans["error"] and "'fast'" in plans["error"], plans
+
+
+def pool_windows(method: str) -> list[tuple[int, int]]:
+    """Heights and widths of every piece of the extended block a 1x2-sharded max pooling
+    (kernel 3, stride 2, padding 1) copies in forward, and the error for an unknown method."""
+    import torch
+
+    import halo
+    from distributed import shared_mesh
+    from halo.nn import pool
+
+    mesh = shared_mesh(1, 2)
+    layer = halo.nn.HaloMaxPool2d.from_module(torch.nn.MaxPool2d(3, 2, 1), mesh)
+    layer.method = method
+    copied: list[tuple[int, int]] = []
+    real = {name: getattr(pool, name) for name in ("window", "assemble")}
+
+    def recording(fn):
+        def record(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            copied.append(tuple(out.shape[-2:]))
+            return out
+        return record
+
+    for name, fn in real.items():
+        setattr(pool, name, recording(fn))
+    try:
+        x = torch.randn(1, 2, 16, 8, requires_grad=True)
+        layer(x).sum().backward()
+    finally:
+        for name, fn in real.items():
+            setattr(pool, name, fn)
+    return copied
+
+
+@pytest.mark.timeout(120)
+def test_max_pool_by_bands_copies_no_block(pool2) -> None:
+    """By bands, max pooling copies only the window of its one border column with a halo
+    (also at the image edge, where it reads the -inf fill, so every rank saves the same);
+    assembling copies the whole extended block."""
+    bands, assembled = pool2.run(pool_windows, "bands"), pool2.run(pool_windows, "assemble")
+    # no right halo (kernel 3, stride 2: the last window ends inside the block)
+    assert bands == [[(16, 3)], [(16, 3)]], bands
+    assert assembled == [[(16, 9)], [(16, 9)]], assembled  # rank 0's left column: the -inf edge

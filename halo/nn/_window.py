@@ -22,7 +22,17 @@ __all__ = [
     "halo_op",
     "in_halo_op",
     "split_local",
+    "METHODS",
+    "native_padding",
+    "border_bands",
 ]
+
+#: How a window op treats its halo: "bands" runs the op on the block under its own padding and
+#: recomputes the border bands that read a neighbour's halo, "assemble" builds the
+#: halo-extended block, "auto" picks (per op; see HaloConv2d and HaloMaxPool2d).
+METHODS = ("auto", "bands", "assemble")
+
+Span = tuple[int, int]
 
 # Outputs of global pooling are the same on every rank of an image; later spatial ops on
 # them run locally. The mark is a plain attribute on the tensor object.
@@ -154,3 +164,51 @@ def split_local(spec: HaloSpec, mesh) -> tuple[HaloSpec, tuple[int, int]]:
         fill=spec.fill,
     )
     return exchange, (spec.top if local_h else 0, spec.left if local_w else 0)
+
+
+def native_padding(spec: HaloSpec, padding: tuple[int, int]) -> tuple[int, int] | None:
+    """Padding under which the op on the block alone has the extended block's output grid,
+    or None: symmetric padding ``before`` fits wherever the halo after the block is no wider
+    (a same-style op reads at most ``after`` rows past the block's end). ``padding`` is the
+    op's own, on dims that exchange nothing (:func:`split_local`)."""
+    if spec.bottom > spec.top or spec.right > spec.left:
+        return None
+    return padding[0] + spec.top, padding[1] + spec.left
+
+
+def _inner(n: int, before: int, k: int, s: int, d: int) -> Span:
+    """Along one dim: outputs from ``lo`` on start inside the block, outputs before ``hi``
+    end inside it (on a block narrower than the window, ``hi < lo``)."""
+    return -(-before // s), (n - 1 - d * (k - 1) + before) // s + 1
+
+
+def _window(lo: int, hi: int, s: int, d: int, k: int) -> Span:
+    """Rows of the extended block that outputs ``[lo, hi)`` read."""
+    return lo * s, (hi - 1) * s + d * (k - 1) + 1
+
+
+def border_bands(x_shape, spec: HaloSpec, kernel, stride, dilation, out_shape, mesh=None) -> list:
+    """``(output rows, output cols, extended-block rows, extended-block cols)`` of the border
+    bands whose windows read a neighbour's halo: rows above and below the halo-free middle
+    (full width), then columns left and right of it (middle rows). With a ``mesh``, sides
+    at the image edge are left out: they read only the op's padding, which the op on the
+    block alone already has right. Without one, every side with a halo has its band (each
+    rank then keeps the same, whatever its place in the mesh)."""
+    dims = list(zip(x_shape[-2:], (spec.top, spec.left), (spec.bottom, spec.right), kernel, stride,
+                    dilation, out_shape, ("row", "col")))
+    middle = []
+    for n, before, after, k, s, d, n_out, axis in dims:
+        index, size = (mesh.axis_index(axis), mesh.axis_size(axis)) if mesh is not None else (1, 3)
+        lo, hi = _inner(n, before, k, s, d)
+        a = min(lo, n_out) if before > 0 and index > 0 else 0
+        middle.append((a, max(min(hi, n_out), a) if after > 0 and index < size - 1 else n_out))
+
+    def read(dim: int, span: Span) -> Span:
+        n, before, after, k, s, d = dims[dim][:6]
+        # a dim without halo is the block's own, under the op's padding
+        return _window(*span, s, d, k) if before or after else (0, n)
+
+    (ra, rb), (ca, cb) = middle
+    oh, ow = out_shape
+    bands = [((0, ra), (0, ow)), ((rb, oh), (0, ow)), ((ra, rb), (0, ca)), ((ra, rb), (cb, ow))]
+    return [(r, c, read(0, r), read(1, c)) for r, c in bands if r[0] < r[1] and c[0] < c[1]]

@@ -28,12 +28,12 @@ from halo.exchange import (
 from halo.geometry import conv_output_size
 from halo.mesh import SpatialMesh
 from halo.nn.module import adopt
-from halo.nn._window import check_block, halo_op, is_replicated, mark_replicated, pair, split_local, window_spec
+from halo.nn._window import (
+    METHODS, border_bands, check_block, halo_op, is_replicated, mark_replicated, native_padding, pair, split_local,
+    window_spec,
+)
 
 __all__ = ["HaloConv2d", "halo_conv2d"]
-
-Span = tuple[int, int]
-
 
 def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     dev = x.device.type
@@ -43,69 +43,23 @@ def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     return x, weight, bias
 
 
-def _native(spec: HaloSpec, padding: tuple[int, int]) -> tuple[int, int] | None:
-    """Zero padding under which the block's own convolution has the extended block's output
-    grid, or None: symmetric padding ``before`` fits wherever the halo after the block is no
-    wider (a same-style op reads at most ``after`` rows past the block's end)."""
-    if spec.bottom > spec.top or spec.right > spec.left:
-        return None
-    return padding[0] + spec.top, padding[1] + spec.left
-
-
-def _inner(n: int, before: int, k: int, s: int, d: int) -> Span:
-    """Along one dim: outputs from ``lo`` on start inside the block, outputs before ``hi``
-    end inside it (on a block narrower than the window, ``hi < lo``)."""
-    return -(-before // s), (n - 1 - d * (k - 1) + before) // s + 1
-
-
-def _window(lo: int, hi: int, s: int, d: int, k: int) -> Span:
-    """Rows of the extended block that outputs ``[lo, hi)`` read."""
-    return lo * s, (hi - 1) * s + d * (k - 1) + 1
-
-
-def _bands(x_shape, spec: HaloSpec, weight_shape, stride, dilation, out_shape, mesh: SpatialMesh):
-    """``(output rows, output cols, extended-block rows, extended-block cols)`` of the border
-    bands whose windows read a neighbour's halo: rows above and below the halo-free middle
-    (full width), then columns left and right of it (middle rows). Sides at the image edge
-    read only zero padding, which the block's own convolution already has right."""
-    dims = list(zip(x_shape[-2:], (spec.top, spec.left), (spec.bottom, spec.right), weight_shape[-2:], stride,
-                    dilation, out_shape, ("row", "col")))
-    middle = []
-    for n, before, after, k, s, d, n_out, axis in dims:
-        index, size = mesh.axis_index(axis), mesh.axis_size(axis)
-        lo, hi = _inner(n, before, k, s, d)
-        a = min(lo, n_out) if before > 0 and index > 0 else 0
-        middle.append((a, max(min(hi, n_out), a) if after > 0 and index < size - 1 else n_out))
-
-    def read(dim: int, span: Span) -> Span:
-        n, before, after, k, s, d = dims[dim][:6]
-        # a dim without halo is the block's own, convolved with the op's padding
-        return _window(*span, s, d, k) if before or after else (0, n)
-
-    (ra, rb), (ca, cb) = middle
-    oh, ow = out_shape
-    bands = [((0, ra), (0, ow)), ((rb, oh), (0, ow)), ((ra, rb), (0, ca)), ((ra, rb), (cb, ow))]
-    return [(r, c, read(0, r), read(1, c)) for r, c in bands if r[0] < r[1] and c[0] < c[1]]
-
-
 #: "auto" convolves the block and recomputes its border bands where the block has at least
 #: this many elements per band for each weight element: every band costs a weight-sized
 #: gradient in backward, assembling three block-sized copies (deep, thin layers assemble).
 #: Measured per ResNet-18 stage by ``benchmarks/bench_conv.py``.
 BANDS_MIN_RATIO = 1
 
-METHODS = ("auto", "bands", "assemble")
 
 
 def _plan(x: torch.Tensor, weight: torch.Tensor, spec: HaloSpec, padding, stride, dilation, mesh: SpatialMesh,
           method: str):
     """``(native padding, bands)`` for the band method, or ``(None, [])`` to assemble."""
-    native = None if method == "assemble" else _native(spec, padding)
+    native = None if method == "assemble" else native_padding(spec, padding)
     if native is None:
         return None, []
     out = [conv_output_size(n, k, s, p, d) for n, k, s, p, d in zip(x.shape[-2:], weight.shape[-2:], stride, native,
                                                                       dilation)]
-    bands = _bands(x.shape, spec, weight.shape, stride, dilation, out, mesh)
+    bands = border_bands(x.shape, spec, weight.shape[-2:], stride, dilation, out, mesh)
     if method == "auto" and x.numel() < BANDS_MIN_RATIO * len(bands) * weight.numel():
         return None, []
     return native, bands

@@ -13,10 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from halo.errors import HaloNotSupportedError
-from halo.exchange import HaloSpec, adjoint, assemble, halo_strips
+from halo.exchange import (
+    HaloSpec, adjoint, adjoint_strips, assemble, halo_strips, scatter_window, strip_grads, window,
+)
 from halo.geometry import conv_output_size
 from halo.mesh import SpatialMesh
-from halo.nn._window import check_block, halo_op, is_replicated, mark_replicated, pair, split_local, window_spec
+from halo.nn._window import (
+    METHODS, border_bands, check_block, halo_op, is_replicated, mark_replicated, native_padding, pair, split_local,
+    window_spec,
+)
 from halo.nn.module import adopt
 
 __all__ = ["HaloMaxPool2d", "HaloAvgPool2d"]
@@ -33,38 +38,85 @@ def _check_ceil_mode(name: str, what: str, kernel, stride, padding, dilation=1) 
                 )
 
 
+def _stand_in(like: torch.Tensor, shape) -> torch.Tensor:
+    """A zero-stride tensor of ``shape``: pooling backwards read only their input's shape."""
+    return like.new_zeros(()).expand(shape)
+
+
 class _HaloMaxPool2dFn(torch.autograd.Function):
     """Max pooling with halos that saves only the indices of the maxima.
 
-    Plain ``max_pool2d`` would save the halo-extended input too, but its backward reads
-    only that input's shape: backward spreads the gradient over a stand-in of that shape.
+    By bands (where the halo after the block is no wider than before it, as in every
+    symmetric same-style pool): pool the block under its own -inf padding, then recompute
+    the border bands whose windows reach a neighbour's halo from small windows of the
+    extended block. Backward spreads the other outputs' gradient through the block's own
+    indices and each band's through its window's; the halo part returns to its owners. The
+    one output-sized copy is of the gradient, to zero the bands in it. Otherwise (and with
+    ``method="assemble"``) pool the extended block; backward spreads the gradient over a
+    stand-in of its shape and returns the halo part (:func:`adjoint`).
     """
 
     @staticmethod
-    def forward(ctx, x, spec: HaloSpec, padding, kernel, stride, dilation, mesh: SpatialMesh):  # type: ignore[override]
+    def forward(ctx, x, spec: HaloSpec, padding, kernel, stride, dilation, mesh: SpatialMesh,
+                method: str = "auto"):  # type: ignore[override]
+        kernel, dilation = pair(kernel), pair(dilation)
+        native = None if method == "assemble" else native_padding(spec, padding)
         rows, cols, _ = halo_strips(x, spec, mesh)
-        ext = assemble(x, rows, cols, spec)
-        out, indices = F.max_pool2d(ext, kernel, stride, padding, dilation, False, True)
-        ctx.save_for_backward(indices)
-        ctx.shape, ctx.ext_shape = x.shape, ext.shape
+        if native is None:
+            ext = assemble(x, rows, cols, spec)
+            out, indices = F.max_pool2d(ext, kernel, stride, padding, dilation, False, True)
+            ctx.save_for_backward(indices)
+            ctx.ext_shape, bands = ext.shape, []
+        else:
+            out, indices = F.max_pool2d(x, kernel, stride, native, dilation, False, True)
+            # at the image edges too (reading the -inf fill): every rank saves the same indices
+            bands = border_bands(x.shape, spec, kernel, stride, dilation, out.shape[-2:])
+            found = [indices]
+            for (r0, r1), (c0, c1), er, ec in bands:
+                part = window(x, rows, cols, spec, er, ec)
+                out[..., r0:r1, c0:c1], band_indices = F.max_pool2d(part, kernel, stride, padding, dilation, False, True)
+                found.append(band_indices)
+            ctx.save_for_backward(*found)
+        ctx.shape, ctx.native, ctx.bands = x.shape, native, bands
         ctx.conf = (spec, padding, kernel, stride, dilation, mesh)
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        (indices,) = ctx.saved_tensors
-        spec, padding, kernel, stride, dilation, mesh = ctx.conf
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
-        g_ext = torch.ops.aten.max_pool2d_with_indices_backward(
-            g.contiguous(), g.new_zeros(()).expand(ctx.ext_shape), pair(kernel), list(stride), list(padding), pair(dilation),
-            False, indices,
-        )
-        return adjoint(g_ext, spec, ctx.shape, mesh), None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
+        indices, *band_indices = ctx.saved_tensors
+        spec, padding, kernel, stride, dilation, mesh = ctx.conf
+        g = g.contiguous()
+
+        def spread(grad, shape, pad, where) -> torch.Tensor:
+            return torch.ops.aten.max_pool2d_with_indices_backward(
+                grad, _stand_in(g, shape), list(kernel), list(stride), list(pad), list(dilation), False, where)
+
+        if ctx.native is None:
+            g_ext = spread(g, ctx.ext_shape, padding, indices)
+            return adjoint(g_ext, spec, ctx.shape, mesh), None, None, None, None, None, None, None
+        own = g
+        if ctx.bands:  # the bands' outputs spread through their windows' indices, not the block's
+            own = g.clone()
+            for (r0, r1), (c0, c1), _, _ in ctx.bands:
+                own[..., r0:r1, c0:c1] = 0
+        block = spread(own, ctx.shape, ctx.native, indices)
+        g_rows, g_cols = strip_grads(g, spec, ctx.shape, mesh)
+        for ((r0, r1), (c0, c1), er, ec), where in zip(ctx.bands, band_indices):
+            part = g[..., r0:r1, c0:c1].contiguous()
+            shape = (*ctx.shape[:-2], er[1] - er[0], ec[1] - ec[0])
+            scatter_window(spread(part, shape, padding, where), g_rows, g_cols, spec, ctx.shape, er, ec, block=block)
+        gx = adjoint_strips(g_rows, g_cols, spec, ctx.shape, mesh, lambda: block, g)
+        return gx, None, None, None, None, None, None, None
 
 
 class HaloMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` over a sharded input (halo filled with -inf at global edges)."""
+
+    #: "auto" and "bands" pool the block and recompute its border bands (where the padding
+    #: allows), "assemble" pools the halo-extended block (see :class:`_HaloMaxPool2dFn`)
+    method: str = "auto"
 
     @classmethod
     def from_module(cls, module: nn.MaxPool2d, mesh: SpatialMesh, name: str = "pool") -> "HaloMaxPool2d":
@@ -86,8 +138,10 @@ class HaloMaxPool2d(nn.MaxPool2d):
         if is_replicated(x):
             return mark_replicated(super().forward(x))
         check_block(x, self.halo_spec, self.halo_stride, self.halo_name, "MaxPool2d")
+        if self.method not in METHODS:
+            raise ValueError(f"{self.halo_name} (MaxPool2d): method must be one of {METHODS}, got {self.method!r}")
         return _HaloMaxPool2dFn.apply(x, self.halo_exchange, self.halo_padding, self.kernel_size, self.halo_stride,
-                                      self.dilation, self.mesh)
+                                      self.dilation, self.mesh, self.method)
 
 
 class _HaloAvgPool2dFn(torch.autograd.Function):
@@ -108,7 +162,7 @@ class _HaloAvgPool2dFn(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         spec, kernel, stride, divisor, mesh = ctx.conf
         g_ext = torch.ops.aten.avg_pool2d_backward(
-            g.contiguous(), g.new_zeros(()).expand(ctx.ext_shape), pair(kernel), list(stride), [0, 0], False, True,
+            g.contiguous(), _stand_in(g, ctx.ext_shape), pair(kernel), list(stride), [0, 0], False, True,
             divisor,
         )
         return adjoint(g_ext, spec, ctx.shape, mesh), None, None, None, None, None

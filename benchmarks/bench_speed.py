@@ -14,7 +14,7 @@ gradient while the input gradient's halo travels back).
 
 Usage::
 
-    python benchmarks/bench_speed.py            # resnet18 at 512, 768, 1024; writes RESULTS.md
+    python benchmarks/bench_speed.py            # resnet18 at 512, 768, 1024, 2048 (~25 min); writes RESULTS.md
     python benchmarks/bench_speed.py --quick    # resnet18 at 64 x 64, 1 step, prints only
 """
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark; returns the table rows."""
     ap = parser(__doc__)
     ap.add_argument("--model", default="resnet18")
-    ap.add_argument("--sizes", nargs="+", type=int, default=[512, 768, 1024])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[512, 768, 1024, 2048])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--four", action="store_true", help="also 2x2 (oversubscribes a 2-core machine)")

@@ -198,6 +198,7 @@ def border_bands(x_shape, spec: HaloSpec, kernel, stride, dilation, out_shape, m
                     dilation, out_shape, ("row", "col")))
     middle = []
     for n, before, after, k, s, d, n_out, axis in dims:
+        # without a mesh, every rank is treated as an inner one (neighbours on both sides)
         index, size = (mesh.axis_index(axis), mesh.axis_size(axis)) if mesh is not None else (1, 3)
         lo, hi = _inner(n, before, k, s, d)
         a = min(lo, n_out) if before > 0 and index > 0 else 0

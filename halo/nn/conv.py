@@ -35,6 +35,7 @@ from halo.nn._window import (
 
 __all__ = ["HaloConv2d", "halo_conv2d"]
 
+
 def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
@@ -48,7 +49,6 @@ def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
 #: gradient in backward, assembling three block-sized copies (deep, thin layers assemble).
 #: Measured per ResNet-18 stage by ``benchmarks/bench_conv.py``.
 BANDS_MIN_RATIO = 1
-
 
 
 def _plan(x: torch.Tensor, weight: torch.Tensor, spec: HaloSpec, padding, stride, dilation, mesh: SpatialMesh,

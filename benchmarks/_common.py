@@ -189,10 +189,15 @@ def _setup(name: str, rows: int, cols: int, h: int, w: int, batch: int, sharded:
     return halo.parallelize(model, mesh), halo.scatter(image, mesh), mesh
 
 
-def measure_step(name: str, rows: int, cols: int, h: int, w: int, batch: int, sharded: bool = True) -> dict[str, int]:
+def measure_step(name: str, rows: int, cols: int, h: int, w: int, batch: int, sharded: bool = True,
+                 peak: bool = False) -> dict[str, int]:
     """One training step on this rank: saved bytes, bytes sent, peak RSS increase.
 
     ``sharded=False`` runs plain torch on the whole image (the one-process reference).
+    ``peak=True`` also runs a second step, with gradients already allocated and zeroed, under
+    torch's ``MemTracker`` (which follows every tensor storage): ``peak`` is the most memory held
+    at once by tensors other than parameters, buffers and gradients (activations, halo strips and
+    backward temporaries), the allocator-free counterpart of a CUDA peak.
     """
     import torch
 
@@ -208,8 +213,27 @@ def measure_step(name: str, rows: int, cols: int, h: int, w: int, batch: int, sh
         out.pop().sum().backward()
     finally:
         undo()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"saved": saved, "sent": sent[0], "rss": max(peak - before, 0)}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {"saved": saved, "sent": sent[0], "rss": max(rss - before, 0)}
+    if peak:
+        result["peak"], result["peak_temp"] = _peak_live_bytes(model, x)
+    return result
+
+
+def _peak_live_bytes(model, x) -> tuple[int, int]:
+    """Peak bytes of live tensors in one training step, less parameters, buffers and gradients;
+    and how many of them are backward temporaries (MemTracker's ``Temp``) at that moment."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    model.zero_grad(set_to_none=False)      # gradients stay allocated: a constant, not part of the peak
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        model(x).sum().backward()
+    snap = tracker.get_tracker_snapshot("peak")[x.device]
+    state = (_MemRefType.PARAM, _MemRefType.BUFFER, _MemRefType.GRAD, _MemRefType.OPT)
+    return snap["Total"] - sum(snap.get(kind, 0) for kind in state), snap.get(_MemRefType.TEMP, 0)
 
 
 class _TimedWork:

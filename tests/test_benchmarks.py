@@ -55,3 +55,20 @@ def test_mimic_synchronises_as_the_halo_run_does(monkeypatch: pytest.MonkeyPatch
     assert every[0]["syncs"] == halo[0]["syncs"] > 0
     # ResNet-18: 20 batch norms and global pooling, each once forward and once backward
     assert stats[0]["syncs"] == 2 * (20 + 1)
+
+
+@pytest.mark.timeout(300)
+def test_peak_live_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_memory's peak of live tensors: halo on one rank holds exactly what plain torch holds;
+    on two ranks each holds less than one process, and at least what autograd saved."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from _common import measure_step, run_ranks
+
+    plain = run_ranks(measure_step, 1, "resnet18", 1, 1, 64, 64, 1, False, True, timeout=240)[0]
+    one = run_ranks(measure_step, 1, "resnet18", 1, 1, 64, 64, 1, True, True, timeout=240)[0]
+    two = run_ranks(measure_step, 2, "resnet18", 1, 2, 64, 64, 1, True, True, timeout=240)
+    assert (one["peak"], one["peak_temp"]) == (plain["peak"], plain["peak_temp"])
+    assert plain["saved"] <= plain["peak"]
+    for rank in two:
+        assert rank["saved"] <= rank["peak"] < plain["peak"]
+        assert 0 < rank["peak_temp"] < rank["peak"]

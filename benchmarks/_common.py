@@ -191,7 +191,8 @@ def _setup(name: str, rows: int, cols: int, h: int, w: int, batch: int, sharded:
 
 def measure_step(name: str, rows: int, cols: int, h: int, w: int, batch: int, sharded: bool = True,
                  peak: bool = False) -> dict[str, int]:
-    """One training step on this rank: saved bytes, bytes sent, peak RSS increase.
+    """One training step on this rank: saved bytes, bytes sent, peak RSS increase, and FLOPs
+    (forward + backward, as torch's ``FlopCounterMode`` counts them: convolutions and matrix products).
 
     ``sharded=False`` runs plain torch on the whole image (the one-process reference).
     ``peak=True`` also runs a second step, with gradients already allocated and zeroed, under
@@ -200,6 +201,7 @@ def measure_step(name: str, rows: int, cols: int, h: int, w: int, batch: int, sh
     backward temporaries), the allocator-free counterpart of a CUDA peak.
     """
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from halo.plan import measure_saved_bytes
 
@@ -209,12 +211,13 @@ def measure_step(name: str, rows: int, cols: int, h: int, w: int, batch: int, sh
     before = _rss()
     out: list[torch.Tensor] = []
     try:
-        saved = measure_saved_bytes(lambda: out.append(model(x)) or out[0], exclude)
-        out.pop().sum().backward()
+        with FlopCounterMode(display=False) as flops:
+            saved = measure_saved_bytes(lambda: out.append(model(x)) or out[0], exclude)
+            out.pop().sum().backward()
     finally:
         undo()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = {"saved": saved, "sent": sent[0], "rss": max(rss - before, 0)}
+    result = {"saved": saved, "sent": sent[0], "rss": max(rss - before, 0), "flops": flops.get_total_flops()}
     if peak:
         result["peak"], result["peak_temp"] = _peak_live_bytes(model, x)
     return result

@@ -1,4 +1,5 @@
-"""halo-plan's arithmetic against what autograd saves and what the exchange sends, on small cases."""
+"""halo-plan's arithmetic against what autograd saves, what the exchange sends and the FLOPs torch
+counts, on small cases."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 
 import halo
 from distributed import shared_mesh
@@ -33,8 +35,10 @@ def _pools() -> torch.nn.Module:
     )
 
 
-def measure_rank(name: str, rows: int, cols: int, height: int, width: int, batch: int) -> tuple[int, int]:
-    """On one rank: bytes autograd saves for the forward, and bytes this rank sends in one step."""
+def measure_rank(name: str, rows: int, cols: int, height: int, width: int, batch: int) -> tuple[int, int, int, int]:
+    """On one rank: bytes autograd saves for the forward, bytes this rank sends in one step, and
+    the forward's and the whole step's FLOPs as torch's ``FlopCounterMode`` counts them
+    (convolutions and matrix products, halo's border bands included)."""
     mesh = shared_mesh(rows, cols)
     model = halo.parallelize(_pools() if name == "pools" else _model(name), mesh)
     image = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
@@ -50,18 +54,25 @@ def measure_rank(name: str, rows: int, cols: int, height: int, width: int, batch
     exclude = list(model.parameters()) + list(model.buffers())
     dist.batch_isend_irecv = counting
     try:
-        saved = measure_saved_bytes(lambda: out.append(model(x)) or out[0], exclude)
-        out[0].sum().backward()
+        with FlopCounterMode(display=False) as forward:
+            saved = measure_saved_bytes(lambda: out.append(model(x)) or out[0], exclude)
+        with FlopCounterMode(display=False) as backward:
+            out[0].sum().backward()
     finally:
         dist.batch_isend_irecv = real
-    return saved, sent[0]
+    fwd = forward.get_total_flops()
+    return saved, sent[0], fwd, fwd + backward.get_total_flops()
 
 
-def _check(results: list[tuple[int, int]], name: str, rows: int, cols: int, h: int, w: int, batch: int) -> None:
+def _check(results: list[tuple[int, int, int, int]], name: str, rows: int, cols: int, h: int, w: int,
+           batch: int) -> None:
     p = plan(name, (h, w), (rows, cols), batch=batch)
-    for rank, (saved, _) in enumerate(results):
+    for rank, (saved, _, fwd, step) in enumerate(results):
         assert abs(p.activation_bytes_per_rank - saved) <= TOL * saved, (rank, p.activation_bytes_per_rank, saved)
-    mean_sent = sum(s for _, s in results) / len(results)
+        # the plan adds about one FLOP per output of pointwise layers, which torch does not count
+        assert abs(p.forward_flops_per_rank - fwd) <= TOL * fwd, (rank, p.forward_flops_per_rank, fwd)
+        assert abs(p.flops_per_rank - step) <= TOL * step, (rank, p.flops_per_rank, step)
+    mean_sent = sum(s for _, s, _, _ in results) / len(results)
     assert abs(p.halo_bytes_per_step_per_rank - mean_sent) <= 0.05 * max(mean_sent, 1), (p.halo_bytes_per_step_per_rank, mean_sent)
 
 
@@ -109,9 +120,9 @@ def test_pooling_layers(pool1, pool4) -> None:
         h, w = 32 * grid[0], 32 * grid[1]
         results = pool4.run(measure_rank, "pools", *grid, h, w, 2)
         predicted = plan_model(_pools(), name="pools", image=(h, w), mesh=grid, batch=2)
-        for rank, (saved, _) in enumerate(results):
+        for rank, (saved, *_) in enumerate(results):
             assert predicted.activation_bytes_per_rank == saved, (grid, rank, predicted.activation_bytes_per_rank, saved)
-        mean_sent = sum(sent for _, sent in results) / len(results)
+        mean_sent = sum(sent for _, sent, *_ in results) / len(results)
         assert abs(predicted.halo_bytes_per_step_per_rank - mean_sent) <= 0.05 * max(mean_sent, 1), grid
 
 

@@ -4,9 +4,10 @@
    ``Shard(3)``): for each conv kind of a ResNet, is the forward output right (local shards
    gathered), is the input gradient right, what placement does the output claim, and how
    long does one forward + backward take against ``HaloConv2d`` on the same 1x2 mesh.
-2. One process with activation checkpointing (each residual block recomputed in backward,
-   ``torch.utils.checkpoint``, non-reentrant) against plain one process and halo on 1x2:
-   step time and peak-RSS increase.
+2. One process with activation checkpointing (each trunk stage, a ResNet's stem and its four
+   layers, recomputed in backward with non-reentrant ``torch.utils.checkpoint``, as halo's
+   ``train.checkpointing`` does) against plain one process and halo on 1x2: step time and
+   peak-RSS increase.
 
 Usage::
 
@@ -100,16 +101,16 @@ def dtensor_conv(channels: int, size: int, repeats: int) -> list[dict]:
 
 
 def checkpointed_step(name: str, size: int, steps: int, checkpoint: bool) -> dict:
-    """Plain torch in one process, residual blocks optionally checkpointed: median step, peak RSS increase."""
+    """Plain torch in one process, trunk stages optionally checkpointed: median step, peak RSS increase."""
     import resource
 
-    from torch.utils.checkpoint import checkpoint as ckpt
+    import torch
 
-    model, x, _ = _setup(name, 1, 1, size, size, 1, False)
-    if checkpoint:
-        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-            for block in stage:
-                block.forward = (lambda f: lambda *a: ckpt(f, *a, use_reentrant=False))(block.forward)
+    from halo.models import build_classifier
+
+    _, x, _ = _setup(name, 1, 1, size, size, 1, False)
+    torch.manual_seed(0)
+    model = build_classifier(name, 2, head="mean", checkpointing=checkpoint)
     before = _rss()
     times = []
     for i in range(steps + 1):

@@ -37,7 +37,8 @@ from halo.exchange import HaloSpec
 from halo.geometry import padded_size
 from halo.nn._window import border_bands, native_padding, pair, split_local, window_spec
 
-__all__ = ["LayerPlan", "Plan", "plan", "plan_model", "measure_saved_bytes", "build_model", "main"]
+__all__ = ["LayerPlan", "Plan", "plan", "plan_model", "measure_saved_bytes", "measure_checkpointed_bytes",
+           "build_model", "main"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 TRACE_SIZE = 64
@@ -122,15 +123,24 @@ def _key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _stages(model: nn.Module) -> Sequence[nn.Module]:
+    """The units ``halo.models.SlideClassifier`` checkpoints: its trunk's stages, or those
+    ``build_trunk`` cuts from a torchvision classifier (a ResNet's stem and its four layers);
+    otherwise each child of a top-level ``nn.Sequential``."""
+    from halo.models import SlideClassifier, build_trunk
+
+    if isinstance(model, SlideClassifier):
+        return list(model.trunk)
+    try:
+        return list(build_trunk(model)[0])
+    except ValueError:
+        return [block for child in model.children() if isinstance(child, nn.Sequential) for block in child.children()]
+
+
 def _segments(model: nn.Module) -> dict[str, str]:
-    """Leaf path -> checkpoint segment: each child of a top-level ``nn.Sequential`` (a residual block)."""
-    seg: dict[str, str] = {}
-    for top, child in model.named_children():
-        if isinstance(child, nn.Sequential):
-            for sub, block in child.named_children():
-                for leaf, _ in block.named_modules():
-                    seg[".".join(p for p in (top, sub, leaf) if p)] = f"{top}.{sub}"
-    return seg
+    """Leaf path -> checkpoint segment (the stage holding it, as :func:`_stages` cuts them)."""
+    stage_of = {id(m): f"stage{i}" for i, stage in enumerate(_stages(model)) for m in stage.modules()}
+    return {name: stage_of[id(m)] for name, m in model.named_modules() if id(m) in stage_of}
 
 
 def trace(model: nn.Module, size: int = TRACE_SIZE, channels: int = 3) -> list[_Traced]:
@@ -379,6 +389,24 @@ def measure_saved_bytes(step: Callable[[], torch.Tensor], exclude: Sequence[torc
     return sum(sizes.values())
 
 
+def measure_checkpointed_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps at the peak of a training step of a stage-checkpointed ``model``
+    (a :class:`halo.models.SlideClassifier` with ``checkpointing=True``, sharded or not).
+
+    The checkpointed forward's saved tensors (each stage's input, the head's), plus the most
+    any one trunk stage saves when run as an ordinary forward, as it is when recomputed in
+    backward. Parameters and buffers are not counted.
+    """
+    state = list(model.parameters()) + list(model.buffers())
+    outside = measure_saved_bytes(lambda: model(x), state)
+    largest = 0
+    for stage in model.trunk:
+        largest = max(largest, measure_saved_bytes(lambda: stage(x), state))
+        with torch.no_grad():
+            x = stage(x)
+    return outside + largest
+
+
 _UNITS = ("B", "KB", "MB", "GB", "TB")
 
 
@@ -395,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--mesh", nargs=2, type=int, default=(1, 1), metavar=("R", "C"))
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--checkpointing", action="store_true", help="recompute each residual block in backward")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="recompute each trunk stage in backward, as train.checkpointing does")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80, an H100)")
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel, to report the field of view")
     p.add_argument("--layers", action="store_true", help="also print the per-layer table")

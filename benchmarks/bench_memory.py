@@ -37,23 +37,22 @@ def rows_for(name: str, size: int, batch: int, meshes: list[tuple[int, int]] = M
     from halo.plan import plan
 
     ref = run_ranks(measure_step, 1, name, 1, 1, size, size, batch, False, True)[0]
-    pred_ref = plan(name, (size, size), batch=batch, halo_layers=False).activation_bytes_per_rank
-    flops_ref = plan(name, (size, size), batch=batch, halo_layers=False).flops_per_rank
-    out = [{"model": name, "size": size, "mesh": "one process", "P": 1, "saved": ref["saved"], "pred": pred_ref,
-            "flops": ref["flops"], "pred_flops": flops_ref,
-            "rss": ref["rss"], "ratio": 1.0, "rss_ratio": 1.0, "peak": ref["peak"], "peak_temp": ref["peak_temp"],
-            "peak_ratio": 1.0, "act_ratio": 1.0}]
+    planned = plan(name, (size, size), batch=batch, halo_layers=False)
+    out = [{"model": name, "size": size, "mesh": "one process", "P": 1, "saved": ref["saved"],
+            "pred": planned.activation_bytes_per_rank, "flops": ref["flops"], "pred_flops": planned.flops_per_rank,
+            "flops_ratio": 1.0, "rss": ref["rss"], "ratio": 1.0, "rss_ratio": 1.0, "peak": ref["peak"],
+            "peak_temp": ref["peak_temp"], "peak_ratio": 1.0, "act_ratio": 1.0}]
     for rows, cols in meshes:
         res = run_ranks(measure_step, rows * cols, name, rows, cols, size, size, batch, True, True)
         p = rows * cols
         top = max(res, key=lambda r: r["peak"])
-        peak = top["peak"]
+        peak, flops = top["peak"], max(r["flops"] for r in res)
         saved = statistics.mean(r["saved"] for r in res)
         rss = statistics.mean(r["rss"] for r in res)
         planned = plan(name, (size, size), (rows, cols), batch=batch)
         pred = planned.activation_bytes_per_rank
         out.append({"model": name, "size": size, "mesh": f"{rows}x{cols}", "P": p, "saved": saved, "pred": pred,
-                    "flops": max(r["flops"] for r in res), "pred_flops": planned.flops_per_rank,
+                    "flops": flops, "pred_flops": planned.flops_per_rank, "flops_ratio": flops * p / ref["flops"],
                     "rss": rss, "ratio": saved * p / ref["saved"], "rss_ratio": rss * p / max(ref["rss"], 1),
                     "peak": peak, "peak_temp": top["peak_temp"], "peak_ratio": peak * p / ref["peak"],
                     "act_ratio": (peak - top["peak_temp"]) * p / (ref["peak"] - ref["peak_temp"])})
@@ -80,8 +79,7 @@ def flops_table(rows: list[dict]) -> str:
         ["model", "image", "mesh", "measured GFLOP / rank", "halo-plan GFLOP", "plan / measured",
          "measured x P / one process"],
         [[r["model"], f"{r['size']}x{r['size']}", r["mesh"], f"{r['flops'] / 1e9:.2f}", f"{r['pred_flops'] / 1e9:.2f}",
-          f"{r['pred_flops'] / r['flops']:.3f}",
-          f"{r['flops'] * r['P'] / next(q for q in rows if q['model'] == r['model'] and q['size'] == r['size'])['flops']:.3f}"]
+          f"{r['pred_flops'] / r['flops']:.3f}", f"{r['flops_ratio']:.3f}"]
          for r in rows])
 
 
@@ -95,8 +93,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     models, sizes = (["resnet18"], [64]) if a.quick else (a.models, a.sizes)
     meshes = [(1, 2)] if a.quick else MESHES
     rows = [r for m in models for s in sizes for r in rows_for(m, s, a.batch, meshes)]
-    text = (table(rows) + "\n\nFLOPs of the same step (forward + backward, the busiest rank) as torch's `FlopCounterMode` "
-            "counts them (convolutions and matrix products, halo's recomputed border bands included), against "
+    text = (table(rows) + "\n\nFLOPs of the same step (forward + backward, the busiest rank) as torch's "
+            "`FlopCounterMode` counts them (convolutions and matrix products, halo's recomputed border bands included), against "
             "`halo.plan.plan(...).flops_per_rank` (three times the forward's, plus about one per output of each "
             "pointwise layer):\n\n" + flops_table(rows))
     report("bench_memory", text, quick=a.quick, argv=argv, intro=(

@@ -229,6 +229,8 @@ def _peak_live_bytes(model, x) -> tuple[int, int]:
     import torch
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
+    if any(p.grad is None for p in model.parameters() if p.requires_grad):
+        model(x).sum().backward()           # allocate the gradients
     model.zero_grad(set_to_none=False)      # gradients stay allocated: a constant, not part of the peak
     tracker = MemTracker()
     tracker.track_external(model)

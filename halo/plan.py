@@ -306,7 +306,7 @@ def plan_model(
         saved = fresh
         for key, nbytes in keyed:
             pool = seg_seen if segmented else seen
-            if key not in pool:
+            if key not in pool and not (segmented and key in seen):  # a segment's input is kept outside it
                 pool.add(key)
                 saved += nbytes
         if segmented:
@@ -374,6 +374,13 @@ def measure_saved_bytes(step: Callable[[], torch.Tensor], exclude: Sequence[torc
     Storages of ``exclude`` (parameters, buffers) are not counted. The graph is kept
     alive until the count is taken, then freed.
     """
+    return sum(_saved_storages(step, exclude)[0].values())
+
+
+def _saved_storages(step: Callable[[], torch.Tensor], exclude: Sequence[torch.Tensor] = ()
+                    ) -> tuple[dict[int, int], torch.Tensor]:
+    """Storage -> bytes of what autograd saves while ``step()`` runs, and ``step()``'s output
+    (its graph keeps those storages alive, and their addresses distinct, while it is held)."""
     skip = {_key(t) for t in exclude}
     sizes: dict[int, int] = {}
 
@@ -385,8 +392,7 @@ def measure_saved_bytes(step: Callable[[], torch.Tensor], exclude: Sequence[torc
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = step()
-    del out
-    return sum(sizes.values())
+    return sizes, out
 
 
 def measure_checkpointed_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -395,13 +401,16 @@ def measure_checkpointed_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
     The checkpointed forward's saved tensors (each stage's input, the head's), plus the most
     any one trunk stage saves when run as an ordinary forward, as it is when recomputed in
-    backward. Parameters and buffers are not counted.
+    backward, less its input, which the checkpointed forward already keeps. Parameters and
+    buffers are not counted.
     """
     state = list(model.parameters()) + list(model.buffers())
     outside = measure_saved_bytes(lambda: model(x), state)
     largest = 0
     for stage in model.trunk:
-        largest = max(largest, measure_saved_bytes(lambda: stage(x), state))
+        inside = _saved_storages(lambda: stage(x), state)[0]
+        inside.pop(_key(x), None)
+        largest = max(largest, sum(inside.values()))
         with torch.no_grad():
             x = stage(x)
     return outside + largest

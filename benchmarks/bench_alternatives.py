@@ -6,8 +6,8 @@
    long does one forward + backward take against ``HaloConv2d`` on the same 1x2 mesh.
 2. One process with activation checkpointing (each trunk stage, a ResNet's stem and its four
    layers, recomputed in backward with non-reentrant ``torch.utils.checkpoint``, as halo's
-   ``train.checkpointing`` does) against plain one process and halo on 1x2: step time and
-   peak-RSS increase.
+   ``train.checkpointing`` does) against plain one process and halo on 1x2: step time, the
+   peak of live tensors (torch's ``MemTracker``) and the peak-RSS increase.
 
 Usage::
 

@@ -1,0 +1,103 @@
+"""Layer families are swapped or refused by family, whatever the class: never run on a block.
+
+A subclass of a layer halo treats by type (here batch norm, as timm's ``BatchNormAct2d``
+is) must not be walked into as a container, and a batch norm called functionally inside
+a module's forward must not normalise a block with the block's own statistics.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import halo
+from equivalence import assert_exact, check_equivalence
+from halo.errors import HaloNotSupportedError
+
+
+class BatchNormWithChildren(nn.BatchNorm2d):
+    """A batch-norm subclass holding child modules, whose forward halo does not know."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+class FunctionalBatchNorm(nn.Module):
+    """A container that normalises with ``F.batch_norm`` in its own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.weight = nn.Parameter(torch.ones(4))
+        self.bias = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.batch_norm(self.conv(x), None, None, self.weight, self.bias, training=True)
+        return y.mean((2, 3))
+
+
+class ConvSubclass(nn.Conv2d):
+    """A convolution subclass with its own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def _refused(build, needles, *, run: bool) -> str:
+    mesh = halo.SpatialMesh(1, 2)
+    model = build()
+    try:
+        model = halo.parallelize(model, mesh)
+        if run:
+            model(torch.randn(1, 3, 8, 4))
+    except HaloNotSupportedError as e:
+        msg = str(e)
+        missing = [n for n in needles if n not in msg]
+        if missing:
+            raise AssertionError(f"message lacks {missing}: {msg}") from e
+        return msg
+    raise AssertionError(f"{type(model).__name__} was not refused")
+
+
+def refusals() -> list[str]:
+    return [
+        _refused(lambda: nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormWithChildren(4)),
+                 ["1 (", "BatchNormWithChildren", "BatchNorm2d"], run=False),
+        _refused(lambda: nn.Sequential(ConvSubclass(3, 4, 3, padding=1)), ["0 (", "ConvSubclass", "Conv2d"], run=False),
+        _refused(FunctionalBatchNorm, ["<model> calls batch_norm", "training"], run=True),
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_family_subclasses_and_functional_batch_norm_are_refused(pool2) -> None:
+    pool2.run(refusals)
+
+
+class EvalBatchNorm(nn.Module):
+    """``F.batch_norm`` with running statistics in eval mode: per-channel affine, local."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.batch_norm(self.conv(x), self.mean, self.var, training=False)
+        return self.fc(y.mean((2, 3)))
+
+
+def run_eval_batch_norm(rows: int, cols: int) -> dict[str, float]:
+    return check_equivalence(EvalBatchNorm, rows, cols, 8 * rows, 8 * cols)
+
+
+@pytest.mark.timeout(120)
+def test_eval_mode_functional_batch_norm_is_local_and_exact(pool2) -> None:
+    assert_exact(pool2.run(run_eval_batch_norm, 1, 2))

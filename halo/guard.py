@@ -10,7 +10,8 @@ not marked replicated (the output of a global pool), and:
   to 1 x 1, and ``mean`` / ``sum`` / ``amax`` over both spatial dims, to the global versions;
 - refuses, naming the module path, every other call that mixes pixels across the block
   edge or depends on the block's position (convolutions, pooling, padding, resizing,
-  spatial reductions, flattening the block into features, element-wise dropout);
+  spatial reductions, flattening the block into features, element-wise dropout, and
+  training-mode batch norm that no halo layer issued: it would use the block's statistics);
 - lets everything else through (point-wise ops, channel ops).
 
 Halo layers mark their own forward (:func:`halo.nn._window.halo_op`) and are not guarded.
@@ -123,6 +124,9 @@ class ShardingGuard(TorchFunctionMode):
                     out = global_max_pool2d(x, self.mesh)
                 return out if keepdim else mark_replicated(out.flatten(2).squeeze(-1))
             raise self._refuse(name, x, "reduces over the spatial dims of the block")
+        if name == "batch_norm" and self._training_norm(args, kwargs):
+            raise self._refuse(name, x, "normalises with the block's own statistics in training mode (one device "
+                                        "uses those of the whole image); use nn.BatchNorm2d, which halo swaps")
         if name in _WINDOW_OPS:
             raise self._refuse(name, x, "mixes pixels across block edges or depends on the global size")
         if name in _ELEMENTWISE_RANDOM:
@@ -134,6 +138,12 @@ class ShardingGuard(TorchFunctionMode):
         if name in _RESHAPES:
             return None if self._keeps_spatial(name, x, args, kwargs) else self._raise_reshape(name, x)
         return None
+
+    @staticmethod
+    def _training_norm(args: tuple, kwargs: dict) -> bool:
+        """Whether a ``batch_norm`` call uses batch statistics: ``training`` is argument 5 of both
+        ``F.batch_norm`` and ``torch.batch_norm``; eval mode is a per-channel affine map (local)."""
+        return bool(kwargs.get("training", args[5] if len(args) > 5 else False))
 
     @staticmethod
     def _index_keeps_spatial(index: Any) -> bool:

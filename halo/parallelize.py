@@ -31,7 +31,7 @@ from halo.nn import (
     HaloMaxPool2d,
 )
 
-__all__ = ["parallelize", "SWAPS", "LOCAL_MODULES", "manual_seed"]
+__all__ = ["parallelize", "SWAPS", "FAMILIES", "LOCAL_MODULES", "twins", "manual_seed"]
 
 # Exact type -> halo twin. Subclasses are not swapped silently: they may override forward.
 SWAPS: dict[type[nn.Module], type[nn.Module]] = {
@@ -44,6 +44,49 @@ SWAPS: dict[type[nn.Module], type[nn.Module]] = {
     nn.AdaptiveMaxPool2d: HaloAdaptiveMaxPool2d,
 }
 
+#: Layer families halo treats by type. A module of one of these families (subclasses
+#: included, whatever children they hold) is swapped for its exact type's twin, left alone
+#: where its exact type is point-wise, or refused: it is never walked into as a container.
+FAMILIES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+    nn.modules.pooling._MaxUnpoolNd,
+    nn.FractionalMaxPool2d,
+    nn.FractionalMaxPool3d,
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+    nn.CrossMapLRN2d,
+    nn.modules.padding._ConstantPadNd,
+    nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd,
+    nn.modules.padding._CircularPadNd,
+    nn.Upsample,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.Fold,
+    nn.Unfold,
+    nn.ChannelShuffle,
+    nn.MultiheadAttention,
+)
+
+
+def twins() -> dict[type[nn.Module], type[nn.Module]]:
+    """Every exact type halo swaps, with its twin: torch's (:data:`SWAPS`) and timm's."""
+    table = dict(SWAPS)
+    try:
+        from halo.nn.timm_layers import timm_twins
+    except ImportError:  # timm not installed: its models cannot be built either
+        return table
+    table.update(timm_twins())
+    return table
+
 
 def _local_modules() -> tuple[type[nn.Module], ...]:
     local: list[type[nn.Module]] = [
@@ -52,18 +95,28 @@ def _local_modules() -> tuple[type[nn.Module], ...]:
         nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.Softmax, nn.LogSoftmax,
     ]
     try:
-        from torchvision.ops import StochasticDepth
+        from torchvision.ops import FrozenBatchNorm2d, StochasticDepth
 
-        local.append(StochasticDepth)
+        local += [StochasticDepth, FrozenBatchNorm2d]  # per sample; a per-channel affine map
     except ImportError:  # torchvision is optional for the library itself
+        pass
+    try:
+        from halo.nn.timm_layers import timm_local
+
+        local += timm_local
+    except ImportError:
         pass
     return tuple(local)
 
 
 # Leaf modules that only act on single pixels, or on replicated features after pooling.
-# The guard still checks the calls they make at run time (e.g. Linear on a block).
+# The guard still checks the calls they make at run time (e.g. Linear on a block). Members
+# of a layer family (BatchNorm1d) are local by their exact type only.
 LOCAL_MODULES: tuple[type[nn.Module], ...] = _local_modules()
-_HALO_TYPES = tuple(set(SWAPS.values()))
+
+
+def _name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def manual_seed(seed: int, mesh: SpatialMesh) -> None:
@@ -74,31 +127,42 @@ def manual_seed(seed: int, mesh: SpatialMesh) -> None:
     torch.manual_seed(seed + 1_000_003 * mesh.coords[0])
 
 
-def _swap(module: nn.Module, mesh: SpatialMesh, prefix: str, local: tuple[type[nn.Module], ...]) -> None:
+def _swap(module: nn.Module, mesh: SpatialMesh, prefix: str, local: tuple[type[nn.Module], ...],
+          table: dict[type[nn.Module], type[nn.Module]]) -> None:
+    halo_types = tuple(set(table.values()))
     for child_name, child in module.named_children():
         path = f"{prefix}.{child_name}" if prefix else child_name
         kind = type(child)
         if hasattr(child, "attach_mesh"):  # slide heads: cross-rank reductions over the mesh
             child.attach_mesh(mesh)
-        if isinstance(child, _HALO_TYPES):
+        if isinstance(child, halo_types):
             continue
-        if kind in SWAPS:
-            setattr(module, child_name, SWAPS[kind].from_module(child, mesh, path))
-        elif isinstance(child, local):
+        if kind in table:
+            new = table[kind].from_module(child, mesh, path)
+            setattr(module, child_name, new)
+            _swap(new, mesh, path, local, table)  # a twin's own children (timm's act and drop layers)
+        elif kind in local or (isinstance(child, local) and not isinstance(child, FAMILIES)):
             continue
+        elif isinstance(child, FAMILIES):
+            family = next(f for f in FAMILIES if isinstance(child, f))
+            raise HaloNotSupportedError(
+                f"{path} ({_name(kind)}) is a {family.__name__.lstrip('_')} layer of a class halo has no exact twin "
+                f"for (a subclass may compute something else in its own forward); halo swaps "
+                f"{', '.join(sorted(t.__name__ for t in table))}; build the model from those classes, or pass "
+                f"local_modules=({kind.__name__},) if it acts on each pixel alone"
+            )
         elif len(child._modules) == 0:
             has_state = any(True for _ in child.parameters(recurse=False)) or any(
                 b is not None for b in child._buffers.values()
             )
             if has_state or not _is_plain_container(child):
                 raise HaloNotSupportedError(
-                    f"{path} ({kind.__module__}.{kind.__name__}) cannot be sharded exactly: halo shards "
-                    f"{', '.join(t.__name__ for t in SWAPS)} (output_size 1 for adaptive pools) and leaves "
-                    f"point-wise layers local ({', '.join(t.__name__ for t in local)}); pass "
-                    f"local_modules=({kind.__name__},) if it acts on each pixel alone"
+                    f"{path} ({_name(kind)}) cannot be sharded exactly: halo shards "
+                    f"{', '.join(sorted(t.__name__ for t in table))} (output_size 1 for adaptive pools) and leaves "
+                    f"point-wise layers local; pass local_modules=({kind.__name__},) if it acts on each pixel alone"
                 )
         else:
-            _swap(child, mesh, path, local)
+            _swap(child, mesh, path, local, table)
 
 
 def _is_plain_container(module: nn.Module) -> bool:
@@ -136,9 +200,10 @@ def parallelize(
         Naming the module path and type of the first layer that cannot be sharded exactly.
     """
     local = LOCAL_MODULES + tuple(local_modules)
-    if type(model) in SWAPS:
+    table = twins()
+    if type(model) in table or isinstance(model, FAMILIES):
         raise HaloNotSupportedError(f"parallelize expects a model, got a bare {type(model).__name__}")
-    _swap(model, mesh, "", local)
+    _swap(model, mesh, "", local, table)
     for m in model.modules():
         if isinstance(m, HaloConv2d):
             m.overlap = overlap

@@ -22,7 +22,7 @@ from halo.nn._collectives import gather_ranks, sum_over_ranks
 from halo.nn._window import halo_op
 from halo.nn.module import adopt
 
-__all__ = ["HaloBatchNorm2d", "sync_batch_stats"]
+__all__ = ["HaloBatchNorm2d", "batch_norm_forward", "sync_batch_stats"]
 
 
 def _view(v: torch.Tensor) -> torch.Tensor:
@@ -104,6 +104,30 @@ class _SyncBatchNormFn(torch.autograd.Function):
         return gx.addcmul_(x, _view(slope)).add_(_view(offset)), gw, gb, None, None
 
 
+def batch_norm_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``nn.BatchNorm2d.forward`` of ``bn`` with the statistics of the whole sharded batch.
+
+    Shared by every batch-norm twin (timm's ``BatchNormAct2d`` adds drop and activation after it).
+    """
+    bn._check_input_dim(x)
+    use_batch_stats = bn.training or bn.running_mean is None
+    if not use_batch_stats or dist.get_world_size() == 1:  # eval, or the whole batch is on this rank
+        return nn.BatchNorm2d.forward(bn, x)
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0.0
+    else:
+        factor = bn.momentum
+    y, mean, var, total = _SyncBatchNormFn.apply(x, bn.weight, bn.bias, bn.eps, None)
+    if bn.training and bn.running_mean is not None:
+        with torch.no_grad():
+            unbiased = var * (total / (total - 1).clamp(min=1))
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
+            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
+    return y
+
+
 class HaloBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` with statistics over the whole sharded batch; same state-dict keys."""
 
@@ -113,20 +137,4 @@ class HaloBatchNorm2d(nn.BatchNorm2d):
 
     @halo_op
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        self._check_input_dim(x)
-        use_batch_stats = self.training or self.running_mean is None
-        if not use_batch_stats or dist.get_world_size() == 1:  # eval, or the whole batch is on this rank
-            return super().forward(x)
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked) if self.num_batches_tracked is not None else 0.0
-        else:
-            factor = self.momentum
-        y, mean, var, total = _SyncBatchNormFn.apply(x, self.weight, self.bias, self.eps, None)
-        if self.training and self.running_mean is not None:
-            with torch.no_grad():
-                unbiased = var * (total / (total - 1).clamp(min=1))
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        return y
+        return batch_norm_forward(self, x)

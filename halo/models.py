@@ -1,4 +1,4 @@
-"""Slide classifiers: a torchvision backbone trunk and a head over the sharded feature map.
+"""Slide classifiers: a torchvision or timm backbone trunk and a head over the sharded feature map.
 
 ``build_classifier(name, num_classes, head=..., weights=None)`` returns a
 :class:`SlideClassifier`, an ordinary one-device model that :func:`halo.parallelize`
@@ -49,8 +49,70 @@ def _classifier_input(model: nn.Module) -> int:
     raise ValueError(f"{type(model).__name__} has no Linear classifier to take the feature width from")
 
 
+def _is_timm(model: nn.Module) -> bool:
+    return hasattr(model, "pretrained_cfg") and hasattr(model, "forward_features") and hasattr(model, "feature_info")
+
+
+def _timm_trunk(model: nn.Module) -> tuple[nn.Sequential, int]:
+    """``model.forward_features`` as stages: the top-level children it calls, in call order,
+    with each container of several ``feature_info`` stages (``blocks``, ``stages``,
+    ``features``) opened, grouped so that each stage ends at a ``feature_info`` module (one
+    stage per reduction, as timm counts them; what follows the last joins it). Checked on a probe image, bit for bit, against
+    ``forward_features`` itself: a model whose features are more than its children in order
+    (a functional op between them) is refused, not cut wrongly."""
+    features = [info["module"] for info in model.feature_info]
+    called: list[tuple[str, nn.Module]] = []
+    hooks = [child.register_forward_pre_hook(lambda m, _a, name=name: called.append((name, m)))
+             for name, child in model.named_children()]
+    probe = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model.forward_features(probe)
+            for h in hooks:
+                h.remove()
+            pieces: list[tuple[str, nn.Module]] = []
+            for name, child in called:
+                opened = [c for c in child.named_children() if f"{name}.{c[0]}" in features]
+                if isinstance(child, nn.Sequential) and len(opened) > 1:
+                    pieces += [(f"{name}.{n}", c) for n, c in child.named_children()]
+                else:
+                    pieces.append((name, child))
+            # a stage ends at each feature_info module (one per reduction); what follows the last joins it
+            stages: list[list[nn.Module]] = [[]]
+            for name, piece in pieces:
+                stages[-1].append(piece)
+                if name in features:
+                    stages.append([])
+            tail = stages.pop()
+            if stages:
+                stages[-1] += tail
+            else:
+                stages = [tail]
+            trunk = nn.Sequential(*(nn.Sequential(*stage) for stage in stages))
+            got = trunk(probe)
+    finally:
+        for h in hooks:
+            h.remove()  # a second remove is a no-op
+        model.train(training)
+    name = model.pretrained_cfg.get("architecture", type(model).__name__)
+    if len({id(m) for _, m in called}) != len(called) or got.shape != expected.shape or not torch.equal(got, expected):
+        raise ValueError(
+            f"cannot cut timm model {name} into trunk stages: its forward_features is more than its children "
+            f"{[n for n, _ in called]} run in order; use a torchvision model or another timm family"
+        )
+    return trunk, int(expected.shape[1])
+
+
 def build_trunk(model: nn.Module) -> tuple[nn.Sequential, int]:
-    """The convolutional trunk of a torchvision classifier as stages, and its output channels."""
+    """The convolutional trunk of a torchvision or timm classifier as stages, and its output channels.
+
+    timm models: ``forward_features`` cut into the stages timm's ``feature_info`` names
+    (see :func:`_timm_trunk`), so checkpointing and the planner work per stage.
+    """
+    if _is_timm(model):
+        return _timm_trunk(model)
     channels = _classifier_input(model)
     if isinstance(model, torchvision.models.ResNet):
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
@@ -127,13 +189,55 @@ def _backbone(name: str) -> nn.Module:
         return tiny_backbone()
     if name.startswith("halo_tiny"):
         return tiny_backbone(width=int(name.rsplit("_", 1)[1]))
+    if name.startswith("timm:"):
+        import timm
+
+        arch = name[len("timm:"):]
+        if not timm.is_model(arch):
+            raise ValueError(f"unknown model.name={name!r}: {arch!r} is not a timm model (see timm.list_models())")
+        return timm.create_model(arch, pretrained=False)  # weights come from model.weights, never a hub
     try:
         return torchvision.models.get_model(name, weights=None)
     except ValueError as e:
         raise ValueError(
             f"unknown model.name={name!r}: use a torchvision classification model name "
-            f"(resnet18, resnet50, efficientnet_b0, ...) or halo_tiny[_WIDTH]"
+            f"(resnet18, resnet50, efficientnet_b0, ...), timm:<name> (timm:efficientnet_b0) or halo_tiny[_WIDTH]"
         ) from e
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the backbone's own classifier, which the slide head replaces."""
+    if _is_timm(model):
+        names = model.pretrained_cfg.get("classifier") or ()
+        return tuple(f"{n}." for n in ((names,) if isinstance(names, str) else names))
+    return "fc.", "classifier."
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str], name: str) -> None:
+    """Load a state dict of the full backbone (torchvision or timm keys, unchanged) into ``backbone``.
+
+    The backbone's classifier is replaced by the slide head, so its keys may be missing or
+    of another class count; every trunk key must be there with its shape.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.weights={path!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    head = _classifier_prefixes(backbone)
+    state = {k: v for k, v in state.items() if not k.startswith(head)}
+    own = backbone.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    missing, unexpected = backbone.load_state_dict(
+        {k: v for k, v in state.items() if k not in own or v.shape == own[k].shape}, strict=False)
+    trunk_missing = [k for k in missing if not k.startswith(head)]
+    if trunk_missing or unexpected or wrong:
+        raise ValueError(
+            f"model.weights={path!r} does not fit {name}: missing {trunk_missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shapes {wrong[:5]}"
+        )
 
 
 def build_classifier(
@@ -147,23 +251,14 @@ def build_classifier(
 ) -> SlideClassifier:
     """A one-device slide classifier: ``name``'s trunk (with ``weights`` loaded) and a head.
 
-    ``weights`` is a path to a state dict of the full torchvision model (e.g. ImageNet
-    weights saved with ``torch.save(model.state_dict())``); nothing is downloaded.
+    ``name`` is a torchvision classification model (``resnet50``), a timm model
+    (``timm:efficientnet_b0``) or ``halo_tiny[_WIDTH]``. ``weights`` is a path to a state dict
+    of the full backbone with its own keys (e.g. ImageNet weights saved with
+    ``torch.save(model.state_dict())``, torchvision's or timm's); nothing is downloaded.
     """
     backbone = _backbone(name)
     if weights:
-        path = os.fspath(weights)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"model.weights={path!r} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-        trunk_missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
-        if trunk_missing or unexpected:
-            raise ValueError(
-                f"model.weights={path!r} does not fit {name}: missing {trunk_missing[:5]}, unexpected {unexpected[:5]}"
-            )
+        load_backbone_weights(backbone, weights, name)
     trunk, channels = build_trunk(backbone)
     heads = _heads()
     if head not in heads:

@@ -14,6 +14,7 @@ the image seeds torch the same way (:func:`halo.manual_seed`).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 
 import torch
@@ -216,28 +217,43 @@ def _install_guard(model: nn.Module, mesh: SpatialMesh) -> None:
     """Run ``model``'s forward under a :class:`ShardingGuard` that knows the running module's path.
 
     The model's class becomes a subclass of its own whose ``forward`` enters the guard, so
-    ``copy.deepcopy`` and DDP keep the guard; state-dict keys do not change.
+    ``copy.deepcopy`` and DDP keep the guard; state-dict keys do not change. A submodule
+    that runs outside the model's forward (activation checkpointing recomputes its stages
+    in backward) enters the guard itself: a recompute routes and refuses exactly as the
+    forward did, instead of running functional spatial ops on the block alone.
     """
     where: list[str] = []
     paths = {m: name for name, m in model.named_modules()}
+    state = threading.local()  # per thread: CUDA runs backward (and so recomputes) on its own
 
     def enter(module: nn.Module, _args) -> None:
         where.append(paths.get(module, type(module).__name__))
+        if not getattr(state, "active", False):
+            state.guard, state.depth, state.active = ShardingGuard(mesh, where), len(where), True
+            state.guard.__enter__()
 
     def leave(module: nn.Module, _args, _out) -> None:
+        if getattr(state, "guard", None) is not None and state.depth == len(where):
+            guard, state.guard, state.active = state.guard, None, False
+            guard.__exit__(None, None, None)
         if where:
             where.pop()
 
     for m in model.modules():
         if m is not model:
             m.register_forward_pre_hook(enter)
-            m.register_forward_hook(leave)
+            m.register_forward_hook(leave, always_call=True)  # also when forward raises
     base = type(model)
 
     def forward(self, *args, **kwargs):
         where.clear()
-        with ShardingGuard(self._halo_mesh, where):
-            return base.forward(self, *args, **kwargs)
+        outer = getattr(state, "active", False)
+        state.active = True
+        try:
+            with ShardingGuard(self._halo_mesh, where):
+                return base.forward(self, *args, **kwargs)
+        finally:
+            state.active = outer
 
     model.__class__ = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__,
                                                     "__doc__": base.__doc__})

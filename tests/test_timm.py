@@ -49,3 +49,83 @@ def run_timm(name: str, rows: int, cols: int, train: bool = True) -> dict[str, f
 def test_timm_two_ranks(pool2, name: str, mesh: str) -> None:
     rows, cols = map(int, mesh.split("x"))
     assert_exact(pool2.run(run_timm, name, rows, cols, timeout=800))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", sorted(TIMM_MODELS))
+def test_timm_four_ranks(pool4, name: str) -> None:
+    assert_exact(pool4.run(run_timm, name, 2, 2, timeout=800))
+
+
+@pytest.mark.timeout(300)
+def test_timm_eval_mode(pool2) -> None:
+    assert_exact(pool2.run(run_timm, "efficientnet_b0", 1, 2, False, timeout=250))
+
+
+# -- timm backbones as halo-train's model.name=timm:<name> ---------------------------------
+
+
+def test_timm_trunk_is_forward_features_in_stages() -> None:
+    import torch
+
+    from halo.models import build_classifier
+
+    model = build_classifier("timm:efficientnet_b0", 2, head="mean")
+    backbone = timm.create_model("efficientnet_b0", pretrained=False)
+    backbone.load_state_dict({k: v for k, v in model.state_dict().items()} and backbone.state_dict())
+    # one stage per reduction timm reports, the last holding conv_head and bn2
+    assert len(model.trunk) == len(backbone.feature_info)
+    assert isinstance(model.trunk[-1][-1], timm.layers.BatchNormAct2d)
+    model.eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        features = model.features(x)
+    assert features.shape == (1, backbone.num_features, 2, 3)
+
+
+def test_timm_unknown_name_is_refused() -> None:
+    from halo.models import build_classifier
+
+    with pytest.raises(ValueError, match="'not_a_model' is not a timm model"):
+        build_classifier("timm:not_a_model", 2)
+
+
+def test_timm_weights_load_with_their_own_keys(tmp_path) -> None:
+    """A timm state dict (any class count in its classifier) loads into the trunk unchanged."""
+    import torch
+
+    from halo.models import build_classifier
+
+    for classes in (1000, 5):
+        source = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=classes)
+        path = tmp_path / f"weights_{classes}.pt"
+        torch.save(source.state_dict(), path)
+        model = build_classifier("timm:mobilenetv3_small_100", 2, head="mean", weights=path)
+        want = source.state_dict()
+        trunk = dict(model.trunk.named_parameters())
+        assert len(trunk) > 0
+        first_conv = model.trunk[0][0].weight
+        assert torch.equal(first_conv, want["conv_stem.weight"])
+        assert sum(p.numel() for p in trunk.values()) == sum(
+            v.numel() for k, v in source.named_parameters() if k in {n for n, _ in source.named_parameters()}
+            and not k.startswith(("conv_head", "classifier")))
+    other = tmp_path / "resnet.pt"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), other)
+    with pytest.raises(ValueError, match="does not fit timm:mobilenetv3_small_100"):
+        build_classifier("timm:mobilenetv3_small_100", 2, weights=other)
+
+
+def _timm_slide_classifier():
+    from halo.models import build_classifier
+
+    return build_classifier("timm:efficientnet_b0", 3, head="attention", checkpointing=True)
+
+
+def run_timm_classifier(rows: int, cols: int) -> dict[str, float]:
+    return check_equivalence(_timm_slide_classifier, rows, cols, 64 * max(rows, 1), 64 * max(cols, 2))
+
+
+@pytest.mark.timeout(600)
+def test_timm_slide_classifier_with_checkpointing_is_exact(pool4) -> None:
+    """halo-train's model (a timm trunk in stages, checkpointed, and an attention head) on 2x2."""
+    assert_exact(pool4.run(run_timm_classifier, 2, 2, timeout=500))

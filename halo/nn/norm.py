@@ -68,11 +68,21 @@ class _SyncBatchNormFn(torch.autograd.Function):
     ``sum(dy)`` from one fused ``native_batch_norm_backward`` pass, sums the two over ranks,
     and adds the training-mode terms as one affine map of ``x`` per channel:
     ``dx = dx_eval - w * invstd * (mean(dy) + xhat * mean(dy * xhat))``.
+
+    The running statistics are updated here, before anything is saved for backward, as
+    torch's own kernel does: a checkpointed stage that ends in a batch norm stops its
+    recompute once the last saved tensor is back, and must then have updated them as many
+    times as the one-device network (see ``torch.utils.checkpoint``'s early stop).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, group):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, eps: float, group, running_mean, running_var,
+                factor: float):  # type: ignore[override]
         mean, var, total = sync_batch_stats(x, group)
+        if running_mean is not None:
+            unbiased = var * (total / (total - 1).clamp(min=1))
+            running_mean.lerp_(mean.to(running_mean.dtype), factor)
+            running_var.lerp_(unbiased.to(running_var.dtype), factor)
         # torch's kernels take statistics in the parameters' dtype: float32 under autocast
         # (mixed precision), the input's own dtype in an all-half-precision model
         dtype = weight.dtype if weight is not None else x.dtype
@@ -80,12 +90,10 @@ class _SyncBatchNormFn(torch.autograd.Function):
         y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
         ctx.save_for_backward(x, weight, mean, var)
         ctx.total, ctx.group, ctx.eps = total, group, eps
-        stats = mean.detach(), var.detach(), total.detach()
-        ctx.mark_non_differentiable(*stats)
-        return (y, *stats)
+        return y
 
     @staticmethod
-    def backward(ctx, gy, _gmean, _gvar, _gtotal):  # type: ignore[override]
+    def backward(ctx, gy):  # type: ignore[override]
         x, weight, mean, var = ctx.saved_tensors
         w = weight if weight is not None else torch.ones_like(mean)
         gx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
@@ -94,14 +102,14 @@ class _SyncBatchNormFn(torch.autograd.Function):
         gw = sum_dy_xhat.clone() if weight is not None and ctx.needs_input_grad[1] else None
         gb = sum_dy.clone() if ctx.needs_input_grad[2] else None
         if not ctx.needs_input_grad[0]:
-            return None, gw, gb, None, None
+            return None, gw, gb, None, None, None, None, None
         sums = sum_over_ranks(torch.cat([sum_dy, sum_dy_xhat]), ctx.group)
         mean_dy, mean_dy_xhat = (sums / ctx.total).chunk(2)
         invstd = torch.rsqrt(var + ctx.eps)
         scale = w * invstd  # dx = dx_eval + slope * x + offset, per channel
         slope = -scale * invstd * mean_dy_xhat
         offset = scale * (invstd * mean * mean_dy_xhat - mean_dy)
-        return gx.addcmul_(x, _view(slope)).add_(_view(offset)), gw, gb, None, None
+        return gx.addcmul_(x, _view(slope)).add_(_view(offset)), gw, gb, None, None, None, None, None
 
 
 def batch_norm_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
@@ -119,13 +127,9 @@ def batch_norm_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> 
         factor = 1.0 / float(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0.0
     else:
         factor = bn.momentum
-    y, mean, var, total = _SyncBatchNormFn.apply(x, bn.weight, bn.bias, bn.eps, None)
-    if bn.training and bn.running_mean is not None:
-        with torch.no_grad():
-            unbiased = var * (total / (total - 1).clamp(min=1))
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
-            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
-    return y
+    track = bn.training and bn.running_mean is not None
+    return _SyncBatchNormFn.apply(x, bn.weight, bn.bias, bn.eps, None, bn.running_mean if track else None,
+                                  bn.running_var if track else None, factor)
 
 
 class HaloBatchNorm2d(nn.BatchNorm2d):

@@ -63,19 +63,21 @@ def check_equivalence(
     lr: float = 0.0,
     overlap: bool = False,
     method: str = "auto",
+    batch: int = 1,
 ) -> dict[str, float]:
     """Worst relative errors (by quantity) of the sharded model against one device.
 
     With ``steps > 1`` and ``lr > 0`` an SGD step is taken after each backward, and the
     comparison also covers the updated weights. ``method`` sets every
-    :class:`halo.nn.HaloConv2d`'s and :class:`halo.nn.HaloMaxPool2d`'s ``method``.
+    :class:`halo.nn.HaloConv2d`'s and :class:`halo.nn.HaloMaxPool2d`'s ``method``. Each image
+    group holds ``batch`` images (the reference all ``batch * mesh.data``).
     """
     mesh = shared_mesh(rows, cols)
     d = mesh.coords[0]
     torch.manual_seed(seed)
     ref = build().double()
     model = copy.deepcopy(ref)
-    images = torch.randn(mesh.data, channels, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    images = torch.randn(mesh.data * batch, channels, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     halo.parallelize(model, mesh, overlap=overlap)
     for m in model.modules():
         if isinstance(m, (halo.nn.HaloConv2d, halo.nn.HaloMaxPool2d)):
@@ -97,12 +99,13 @@ def check_equivalence(
         ref_out = ref(full)
         _loss(ref_out, seed).mean().backward()
 
-        x = halo.scatter(images[d : d + 1], mesh).requires_grad_(True)
+        mine = slice(d * batch, (d + 1) * batch)
+        x = halo.scatter(images[mine], mesh).requires_grad_(True)
         halo.manual_seed(seed + 100 + step, mesh)
         out = model(x)
-        _loss(out, seed).sum().backward()
-        worst("logits", rel_err(out, ref_out[d : d + 1]))
-        worst("input_grad", rel_err(x.grad / mesh.world_size, halo.scatter(full.grad[d : d + 1], mesh)))
+        (_loss(out, seed).sum() / batch).backward()  # the mean over all images, once averaged over ranks
+        worst("logits", rel_err(out, ref_out[mine]))
+        worst("input_grad", rel_err(x.grad / mesh.world_size, halo.scatter(full.grad[mine], mesh)))
         grad_scale = 1e-3 * max((q.grad.abs().max().item() for q in ref.parameters() if q.grad is not None), default=0.0)
         params = list(model.parameters())
         # one all-reduce of every gradient (as DDP's buckets do), then the average per parameter

@@ -101,3 +101,20 @@ def run_eval_batch_norm(rows: int, cols: int) -> dict[str, float]:
 @pytest.mark.timeout(120)
 def test_eval_mode_functional_batch_norm_is_local_and_exact(pool2) -> None:
     assert_exact(pool2.run(run_eval_batch_norm, 1, 2))
+
+
+def _pooled_batch_norm() -> nn.Module:
+    """Batch norm on globally pooled features (SE gates in rexnet, SK attention): a replicated
+    (N, C, 1, 1) tensor, whose statistics are over the images only, each counted once."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4, 3))
+
+
+def run_pooled_batch_norm(rows: int, cols: int) -> dict[str, float]:
+    return check_equivalence(_pooled_batch_norm, rows, cols, 8 * rows, 8 * cols, batch=2)
+
+
+@pytest.mark.timeout(120)
+def test_batch_norm_on_pooled_features(pool2, pool4) -> None:
+    assert_exact(pool2.run(run_pooled_batch_norm, 1, 2))
+    assert_exact(pool4.run(run_pooled_batch_norm, 1, 2))  # two image groups

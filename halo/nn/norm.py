@@ -19,7 +19,7 @@ from torch import nn
 
 from halo.mesh import SpatialMesh
 from halo.nn._collectives import gather_ranks, sum_over_ranks
-from halo.nn._window import halo_op
+from halo.nn._window import halo_op, is_replicated, mark_replicated
 from halo.nn.module import adopt
 
 __all__ = ["HaloBatchNorm2d", "batch_norm_forward", "sync_batch_stats"]
@@ -119,8 +119,10 @@ def batch_norm_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> 
     """
     bn._check_input_dim(x)
     use_batch_stats = bn.training or bn.running_mean is None
-    if not use_batch_stats or dist.get_world_size() == 1:  # eval, or the whole batch is on this rank
-        return nn.BatchNorm2d.forward(bn, x)
+    replicated = is_replicated(x)  # pooled features: every rank of an image holds the same copy
+    if not use_batch_stats or dist.get_world_size() == 1 or replicated and bn.mesh.data == 1:
+        y = nn.BatchNorm2d.forward(bn, x)  # eval, or the whole batch is here (once)
+        return mark_replicated(y) if replicated else y
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
     if bn.momentum is None:
@@ -128,8 +130,11 @@ def batch_norm_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> 
     else:
         factor = bn.momentum
     track = bn.training and bn.running_mean is not None
-    return _SyncBatchNormFn.apply(x, bn.weight, bn.bias, bn.eps, None, bn.running_mean if track else None,
-                                  bn.running_var if track else None, factor)
+    # a replicated tensor's statistics are over the images only, each counted once
+    group = bn.mesh.data_group if replicated else None
+    y = _SyncBatchNormFn.apply(x, bn.weight, bn.bias, bn.eps, group, bn.running_mean if track else None,
+                               bn.running_var if track else None, factor)
+    return mark_replicated(y) if replicated else y
 
 
 class HaloBatchNorm2d(nn.BatchNorm2d):

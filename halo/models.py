@@ -9,12 +9,14 @@ whole slide (mean, max, gated attention, top-k instances) and classifies.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 
 import torch
 import torchvision
 from torch import nn
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["SlideClassifier", "build_trunk", "build_classifier", "tiny_backbone", "HEADS", "total_stride"]
@@ -121,22 +123,35 @@ def build_trunk(model: nn.Module) -> tuple[nn.Sequential, int]:
         return nn.Sequential(model.stem, *model.trunk_output), channels
     if isinstance(model, torchvision.models.DenseNet):
         return nn.Sequential(*model.features, nn.ReLU()), channels
+    if isinstance(model, torchvision.models.ShuffleNetV2):
+        return nn.Sequential(nn.Sequential(model.conv1, model.maxpool), model.stage2, model.stage3, model.stage4,
+                             model.conv5), channels
+    if isinstance(model, torchvision.models.MNASNet):
+        return nn.Sequential(*model.layers), channels
     if hasattr(model, "features") and isinstance(model.features, nn.Sequential):
         return nn.Sequential(*model.features), channels
     raise ValueError(
         f"do not know where the trunk of {type(model).__name__} ends; supported: ResNet/ResNeXt/Wide ResNet, "
-        f"RegNet, DenseNet, MobileNet V2/V3, EfficientNet, VGG and models with a `features` Sequential"
+        f"RegNet, DenseNet, ShuffleNet V2, MNASNet, MobileNet V2/V3, EfficientNet, ConvNeXt, VGG, timm:<name> "
+        f"and models with a `features` Sequential"
     )
 
 
-def total_stride(trunk: nn.Module) -> int:
-    """Product of the strides of the trunk's convolutions and poolings along H."""
-    stride = 1
-    for m in trunk.modules():
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            s = m.stride if m.stride is not None else m.kernel_size
-            stride *= s[0] if isinstance(s, tuple) else s
-    return stride
+def total_stride(trunk: nn.Module, probe: int = 4096) -> int:
+    """The trunk's output stride: input size over output size, measured on meta tensors.
+
+    Not the product of every stride: residual shortcuts repeat the main path's stride. The
+    probe allocates nothing (weights and buffers are replaced by meta stand-ins for the call)
+    and leaves the trunk's weights and running statistics as they are.
+    """
+    state = {k: torch.empty_like(v, device="meta")
+             for k, v in itertools.chain(trunk.named_parameters(), trunk.named_buffers())}
+    with torch.no_grad():
+        out = functional_call(trunk, state, (torch.empty(1, 3, probe, probe, device="meta"),))
+    h, w = out.shape[-2:]
+    if probe % h or probe % w or h != w:
+        raise ValueError(f"the trunk maps {probe} x {probe} to {h} x {w}: not a whole output stride")
+    return probe // h
 
 
 class SlideClassifier(nn.Module):

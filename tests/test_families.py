@@ -118,3 +118,59 @@ def run_pooled_batch_norm(rows: int, cols: int) -> dict[str, float]:
 def test_batch_norm_on_pooled_features(pool2, pool4) -> None:
     assert_exact(pool2.run(run_pooled_batch_norm, 1, 2))
     assert_exact(pool4.run(run_pooled_batch_norm, 1, 2))  # two image groups
+
+
+def channels_last_refused() -> str:
+    from halo.errors import HaloShapeError
+
+    mesh = halo.SpatialMesh(1, 2)
+
+    class Bad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.late = nn.Conv2d(4, 4, 1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x).permute(0, 2, 3, 1)  # (1, 8, 4, 4): spatial dims (1, 2)
+            return self.bn(y).mean((1, 2))
+
+    model = halo.parallelize(Bad(), mesh)
+    try:
+        model(torch.randn(1, 3, 8, 8))
+    except (HaloShapeError, HaloNotSupportedError) as e:
+        assert "spatial" in str(e) and "bn" in str(e), str(e)
+        return str(e)
+    raise AssertionError("batch norm on a channels-last block ran")
+
+
+@pytest.mark.timeout(120)
+def test_channels_last_block_into_a_channels_first_layer_is_refused(pool2) -> None:
+    pool2.run(channels_last_refused)
+
+
+class GateFirst(nn.Module):
+    """A squeeze-and-excite gate written ``gate * x``: the replicated gate comes first, and the
+    product is a block (the next convolution must exchange halos)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Conv2d(4, 4, 1)
+        self.late = nn.Conv2d(4, 4, 3, padding=1)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        gate = torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+        return self.out(self.late(gate * x).mean((2, 3)))
+
+
+def run_gate_first(rows: int, cols: int) -> dict[str, float]:
+    return check_equivalence(GateFirst, rows, cols, 8 * rows, 8 * cols)
+
+
+@pytest.mark.timeout(120)
+def test_replicated_gate_times_block_is_a_block(pool2) -> None:
+    assert_exact(pool2.run(run_gate_first, 1, 2))

@@ -23,11 +23,15 @@ from torch import nn
 from halo.errors import HaloNotSupportedError
 from halo.guard import ShardingGuard
 from halo.mesh import SpatialMesh
+from halo.nn.group_norm import HaloGroupNorm
+from halo.nn.layer_norm import HaloLayerNorm, HaloRMSNorm, torchvision_layer_norm_twins
+from halo.nn.same import fold_pads
 from halo.nn import (
     HaloAdaptiveAvgPool2d,
     HaloAdaptiveMaxPool2d,
     HaloAvgPool2d,
     HaloBatchNorm2d,
+    HaloConv1d,
     HaloConv2d,
     HaloMaxPool2d,
 )
@@ -37,12 +41,17 @@ __all__ = ["parallelize", "SWAPS", "FAMILIES", "LOCAL_MODULES", "twins", "manual
 # Exact type -> halo twin. Subclasses are not swapped silently: they may override forward.
 SWAPS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: HaloConv2d,
+    nn.Conv1d: HaloConv1d,
     nn.MaxPool2d: HaloMaxPool2d,
     nn.AvgPool2d: HaloAvgPool2d,
     nn.BatchNorm2d: HaloBatchNorm2d,
     nn.SyncBatchNorm: HaloBatchNorm2d,
     nn.AdaptiveAvgPool2d: HaloAdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d: HaloAdaptiveMaxPool2d,
+    nn.GroupNorm: HaloGroupNorm,
+    nn.LayerNorm: HaloLayerNorm,
+    nn.RMSNorm: HaloRMSNorm,
+    **torchvision_layer_norm_twins(),
 }
 
 #: Layer families halo treats by type. A module of one of these families (subclasses
@@ -89,6 +98,27 @@ def twins() -> dict[type[nn.Module], type[nn.Module]]:
     return table
 
 
+_ATTENTION = ("attention over all tokens (or over windows of them) is not a halo operation; a rank holds one "
+              "block of the image, not the token sequence: ViT, Swin and MaxViT stay refused, use a CNN backbone")
+
+
+def _refused() -> dict[type[nn.Module], str]:
+    """Layers refused up front, with the reason (what they compute needs the whole image)."""
+    table: dict[type[nn.Module], str] = {nn.MultiheadAttention: _ATTENTION}
+    try:
+        from torchvision.models.maxvit import WindowPartition
+
+        table[WindowPartition] = "partitions the image into windows for attention; " + _ATTENTION
+    except ImportError:
+        pass
+    try:
+        import timm.layers
+    except ImportError:
+        return table
+    table[timm.layers.PatchEmbed] = "patch embedding into tokens, with positions of the global image; " + _ATTENTION
+    return table
+
+
 def _local_modules() -> tuple[type[nn.Module], ...]:
     local: list[type[nn.Module]] = [
         nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
@@ -96,9 +126,10 @@ def _local_modules() -> tuple[type[nn.Module], ...]:
         nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.Softmax, nn.LogSoftmax,
     ]
     try:
-        from torchvision.ops import FrozenBatchNorm2d, StochasticDepth
+        from torchvision.ops import FrozenBatchNorm2d, Permute, StochasticDepth
 
-        local += [StochasticDepth, FrozenBatchNorm2d]  # per sample; a per-channel affine map
+        # per sample; a per-channel affine map; a reordering of dims the guard follows
+        local += [StochasticDepth, FrozenBatchNorm2d, Permute]
     except ImportError:  # torchvision is optional for the library itself
         pass
     try:
@@ -138,6 +169,9 @@ def _swap(module: nn.Module, mesh: SpatialMesh, prefix: str, local: tuple[type[n
             child.attach_mesh(mesh)
         if isinstance(child, halo_types):
             continue
+        refused = next((why for t, why in _refused().items() if isinstance(child, t)), None)
+        if refused is not None:
+            raise HaloNotSupportedError(f"{path} ({_name(kind)}): {refused}")
         if kind in table:
             new = table[kind].from_module(child, mesh, path)
             setattr(module, child_name, new)
@@ -145,10 +179,10 @@ def _swap(module: nn.Module, mesh: SpatialMesh, prefix: str, local: tuple[type[n
         elif kind in local or (isinstance(child, local) and not isinstance(child, FAMILIES)):
             continue
         elif isinstance(child, FAMILIES):
-            family = next(f for f in FAMILIES if isinstance(child, f))
+            base = next(c for c in kind.__mro__ if c.__module__.startswith("torch.nn") and not c.__name__.startswith("_"))
             raise HaloNotSupportedError(
-                f"{path} ({_name(kind)}) is a {family.__name__.lstrip('_')} layer of a class halo has no exact twin "
-                f"for (a subclass may compute something else in its own forward); halo swaps "
+                f"{path} ({_name(kind)}) is a layer of kind {base.__name__} that halo has no exact twin for (a "
+                f"subclass may compute something else in its own forward); halo swaps "
                 f"{', '.join(sorted(t.__name__ for t in table))}; build the model from those classes, or pass "
                 f"local_modules=({kind.__name__},) if it acts on each pixel alone"
             )
@@ -204,6 +238,7 @@ def parallelize(
     table = twins()
     if type(model) in table or isinstance(model, FAMILIES):
         raise HaloNotSupportedError(f"parallelize expects a model, got a bare {type(model).__name__}")
+    fold_pads(model, mesh)  # ConstantPad2d + MaxPool2d pairs (BiT's stem): one padded max pooling
     _swap(model, mesh, "", local, table)
     for m in model.modules():
         if isinstance(m, HaloConv2d):

@@ -18,7 +18,7 @@ from torch import nn
 import halo
 from distributed import shared_mesh
 
-__all__ = ["check_equivalence", "assert_exact", "rel_err", "TOL"]
+__all__ = ["check_equivalence", "assert_exact", "expect_refusal", "rel_err", "TOL"]
 
 TOL = 1e-9
 
@@ -135,3 +135,23 @@ def assert_exact(results: list[dict[str, float]]) -> None:
     for rank, errors in enumerate(results):
         bad = {k: v for k, v in errors.items() if not v < TOL}
         assert not bad, f"rank {rank}: relative errors above {TOL}: {bad} (all: {errors})"
+
+
+def expect_refusal(build: Callable[[], nn.Module], needles: list[str], *, run: bool = True) -> str:
+    """The message of the :class:`~halo.errors.HaloNotSupportedError` that ``parallelize`` (or,
+    with ``run``, a forward on a 1x2 mesh) raises for ``build()``; it must contain ``needles``."""
+    from halo.errors import HaloNotSupportedError
+
+    mesh = shared_mesh(1, 2)
+    model = build()
+    try:
+        model = halo.parallelize(model, mesh)
+        if run:
+            model(torch.randn(1, 3, 8, 4))
+    except HaloNotSupportedError as e:
+        msg = str(e)
+        missing = [n for n in needles if n not in msg]
+        if missing:
+            raise AssertionError(f"message lacks {missing}: {msg}") from e
+        return msg
+    raise AssertionError(f"{type(model).__name__} was not refused")

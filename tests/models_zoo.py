@@ -74,4 +74,5 @@ MODELS = {
     "efficientnet_b0": _tv("efficientnet_b0"),
     "regnet_y_400mf": _tv("regnet_y_400mf"),
     "densenet121": _tv("densenet121"),
+    "shufflenet_v2_x0_5": _tv("shufflenet_v2_x0_5"),  # channel shuffle: views and transposes of channels
 }

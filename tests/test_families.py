@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import halo
-from equivalence import assert_exact, check_equivalence
+from equivalence import assert_exact, check_equivalence, expect_refusal
 from halo.errors import HaloNotSupportedError
 
 
@@ -49,28 +49,12 @@ class ConvSubclass(nn.Conv2d):
         return super().forward(x) * 2
 
 
-def _refused(build, needles, *, run: bool) -> str:
-    mesh = halo.SpatialMesh(1, 2)
-    model = build()
-    try:
-        model = halo.parallelize(model, mesh)
-        if run:
-            model(torch.randn(1, 3, 8, 4))
-    except HaloNotSupportedError as e:
-        msg = str(e)
-        missing = [n for n in needles if n not in msg]
-        if missing:
-            raise AssertionError(f"message lacks {missing}: {msg}") from e
-        return msg
-    raise AssertionError(f"{type(model).__name__} was not refused")
-
-
 def refusals() -> list[str]:
     return [
-        _refused(lambda: nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormWithChildren(4)),
+        expect_refusal(lambda: nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormWithChildren(4)),
                  ["1 (", "BatchNormWithChildren", "BatchNorm2d"], run=False),
-        _refused(lambda: nn.Sequential(ConvSubclass(3, 4, 3, padding=1)), ["0 (", "ConvSubclass", "Conv2d"], run=False),
-        _refused(FunctionalBatchNorm, ["<model> calls batch_norm", "training"], run=True),
+        expect_refusal(lambda: nn.Sequential(ConvSubclass(3, 4, 3, padding=1)), ["0 (", "ConvSubclass", "Conv2d"], run=False),
+        expect_refusal(FunctionalBatchNorm, ["<model> calls batch_norm", "training"], run=True),
     ]
 
 

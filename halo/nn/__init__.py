@@ -1,6 +1,6 @@
 """Drop-in layers for spatially sharded images: each subclasses its torch twin."""
 
-from halo.nn.conv import HaloConv2d, halo_conv2d
+from halo.nn.conv import HaloConv1d, HaloConv2d, halo_conv2d
 from halo.nn.global_pool import (
     HaloAdaptiveAvgPool2d,
     HaloAdaptiveMaxPool2d,
@@ -14,6 +14,7 @@ from halo.nn.pool import HaloAvgPool2d, HaloMaxPool2d
 
 __all__ = [
     "HaloConv2d",
+    "HaloConv1d",
     "HaloMaxPool2d",
     "HaloAvgPool2d",
     "HaloBatchNorm2d",

@@ -16,6 +16,8 @@ __all__ = [
     "pair",
     "window_spec",
     "check_block",
+    "check_layout",
+    "SPATIAL_ATTR",
     "REPLICATED_ATTR",
     "is_replicated",
     "mark_replicated",
@@ -104,10 +106,26 @@ def window_spec(
     return HaloSpec(top=hh.before, bottom=hh.after, left=ww.before, right=ww.after, fill=fill)
 
 
+#: Tensor attribute the sharding guard sets: which dims of a block are spatial (``halo.guard``).
+SPATIAL_ATTR = "_halo_spatial"
+
+
+def check_layout(x: torch.Tensor, name: str, what: str) -> None:
+    """Refuse a block whose spatial dims are not 2 and 3 (a channels-last block, as ConvNeXt
+    permutes to): an ``(N, C, h, w)`` layer would take H or W for its channels."""
+    dims = getattr(x, SPATIAL_ATTR, None)
+    if dims is not None and tuple(dims) != (2, 3):
+        raise HaloShapeError(
+            f"{name} ({what}) expects an (N, C, h, w) block but got shape {tuple(x.shape)} with its spatial "
+            f"dims at {tuple(dims)}; permute it back to channels-first first"
+        )
+
+
 def check_block(x: torch.Tensor, spec: HaloSpec, stride: int | Sequence[int], name: str, what: str) -> None:
     """Refuse a local block that a window op cannot process exactly."""
     if x.dim() != 4:
         raise HaloShapeError(f"{name} ({what}) expects a local (N, C, h, w) block, got shape {tuple(x.shape)}")
+    check_layout(x, name, what)
     sh, sw = pair(stride)
     h, w = x.shape[-2:]
     for dim, size, s, before, after in (("H", h, sh, spec.top, spec.bottom), ("W", w, sw, spec.left, spec.right)):

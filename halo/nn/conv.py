@@ -33,7 +33,7 @@ from halo.nn._window import (
     window_spec,
 )
 
-__all__ = ["HaloConv2d", "halo_conv2d"]
+__all__ = ["HaloConv2d", "HaloConv1d", "halo_conv2d"]
 
 
 def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -218,3 +218,27 @@ class HaloConv2d(nn.Conv2d):
             x, self.weight, self.bias, self.mesh, self.halo_exchange, pair(self.stride), pair(self.dilation),
             self.groups, self.halo_padding, self.overlap, self.method,
         )
+
+
+class HaloConv1d(nn.Conv1d):
+    """``nn.Conv1d`` on replicated features only (ECA's gate convolves the pooled channels).
+
+    After global pooling every rank holds the whole ``(N, 1, C)`` tensor, so the convolution
+    runs locally; on anything else (a sharded block) it is refused.
+    """
+
+    mesh: SpatialMesh
+    halo_name: str
+
+    @classmethod
+    def from_module(cls, module: nn.Conv1d, mesh: SpatialMesh, name: str = "conv") -> "HaloConv1d":
+        return adopt(cls, module, mesh, name)
+
+    @halo_op
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if not is_replicated(x):
+            raise HaloNotSupportedError(
+                f"{self.halo_name} (Conv1d) got a tensor of shape {tuple(x.shape)} that is not the output of a "
+                f"global pool; halo runs Conv1d only on pooled, replicated features (ECA gates), and Conv2d on blocks"
+            )
+        return mark_replicated(super().forward(x))

@@ -19,7 +19,7 @@ from torch import nn
 
 from halo.mesh import SpatialMesh
 from halo.nn._collectives import gather_ranks, sum_over_ranks
-from halo.nn._window import halo_op, is_replicated, mark_replicated
+from halo.nn._window import check_layout, halo_op, is_replicated, mark_replicated
 from halo.nn.module import adopt
 
 __all__ = ["HaloBatchNorm2d", "batch_norm_forward", "sync_batch_stats"]
@@ -118,6 +118,7 @@ def batch_norm_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> 
     Shared by every batch-norm twin (timm's ``BatchNormAct2d`` adds drop and activation after it).
     """
     bn._check_input_dim(x)
+    check_layout(x, getattr(bn, "halo_name", "bn"), type(bn).__name__)
     use_batch_stats = bn.training or bn.running_mean is None
     replicated = is_replicated(x)  # pooled features: every rank of an image holds the same copy
     if not use_batch_stats or dist.get_world_size() == 1 or replicated and bn.mesh.data == 1:

@@ -197,3 +197,16 @@ def refusals() -> list[str]:
 @pytest.mark.timeout(120)
 def test_spatial_ops_on_permuted_blocks_are_refused(pool2) -> None:
     pool2.run(refusals)
+
+
+def run_shufflenet_one_pixel_blocks() -> dict[str, float]:
+    """ShuffleNet's channel shuffle on 1 x 1 blocks (its last stage on 2x2 at 64 x 64): both
+    size-1 spatial dims must be followed through the 5-D view and back."""
+    import torchvision
+
+    return check_equivalence(lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=3), 2, 2, 64, 64)
+
+
+@pytest.mark.timeout(300)
+def test_channel_shuffle_on_one_pixel_blocks(pool4) -> None:
+    assert_exact(pool4.run(run_shufflenet_one_pixel_blocks, timeout=250))

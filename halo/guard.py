@@ -149,12 +149,15 @@ def _reshaped(old: Sequence[int], dims: Dims, new: Sequence[int]) -> Dims | None
     """Where each spatial dim of shape ``old`` lands in the (row-major) reshape to ``new``.
 
     A dim stays whole iff some new dim has its size and the same number of elements
-    before it; None if a spatial dim is split or merged.
+    before it; None if a spatial dim is split or merged. The dims keep their order, so a
+    spatial dim of size 1 (a 1 x 1 block of a deep layer) lands after the one before it,
+    not on the same new dim.
     """
-    found = []
-    for d in dims:
+    found: list[int] = []
+    for d in sorted(dims):
         before = math.prod(old[:d])
-        at = next((e for e in range(len(new)) if new[e] == old[d] and math.prod(new[:e]) == before), None)
+        start = found[-1] + 1 if found else 0
+        at = next((e for e in range(start, len(new)) if new[e] == old[d] and math.prod(new[:e]) == before), None)
         if at is None:
             return None
         found.append(at)

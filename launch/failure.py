@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from launch.env import DistEnv
 
-__all__ = ["Heartbeat", "Terminated", "diagnose", "exit_job", "guard", "run_guarded"]
+__all__ = ["Heartbeat", "Terminated", "cause", "diagnose", "exit_job", "guard", "run_guarded"]
 
 T = TypeVar("T")
 _BEAT = "halo/beat/{}"
@@ -154,6 +154,14 @@ def exit_job(env: DistEnv, code: int = 1) -> None:
     os._exit(code)
 
 
+def cause(exc: BaseException) -> BaseException:
+    """The error to report: a launcher's SIGTERM that arrived while this rank was already
+    handling an error (a collective that lost its peer) reports that error."""
+    if isinstance(exc, Terminated) and exc.__context__ is not None and not isinstance(exc.__context__, Terminated):
+        return exc.__context__
+    return exc
+
+
 def _describe(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
     return text[:400]
@@ -221,6 +229,7 @@ def _fail(
     failing: threading.Event, exit_code: int, heartbeat_s: float | None,
 ) -> None:
     failing.set()
+    exc = cause(exc)
     reason = _describe(exc)
     lost: list[str] = []
     if store is not None:
@@ -228,8 +237,9 @@ def _fail(
             store.set(_FAILED.format(env.rank), reason)
         except Exception:  # noqa: BLE001
             pass
-        if not isinstance(exc, Terminated):
-            lost = diagnose(env.rank, env.world_size, store, heartbeat_s or 0.5)
+        # also when the launcher terminates this rank: under torchrun that is how a peer's
+        # death arrives, often before this rank's own collective fails
+        lost = diagnose(env.rank, env.world_size, store, heartbeat_s or 0.5)
     if beat is not None:
         beat.stop()
     summary = "; ".join(lost) if lost else "no other rank reported lost"

@@ -164,3 +164,19 @@ def test_init_distributed_single_is_idempotent() -> None:
         shutdown()
         shutdown()
     assert not dist.is_initialized()
+
+
+def test_sigterm_during_a_failure_reports_the_failure() -> None:
+    """torchrun's SIGTERM after a peer died often lands while this rank handles its own
+    collective's error: the report names that error, not the signal."""
+    from launch.failure import Terminated, cause
+
+    try:
+        try:
+            raise RuntimeError("Connection reset by peer")
+        except RuntimeError:
+            raise Terminated("SIGTERM from the launcher")  # noqa: B904 - as the signal handler raises it
+    except Terminated as e:
+        assert isinstance(cause(e), RuntimeError)
+    alone = Terminated("SIGTERM from the launcher")
+    assert cause(alone) is alone

@@ -144,7 +144,10 @@ def check_model(source: str, name: str) -> dict:
             tol = TOL if how.startswith("float64") else FLOAT32_TOL
             row.update(verdict="exact" if worst < tol else "WRONG", how=how, error=worst)
     except (HaloNotSupportedError, HaloShapeError) as e:
-        row.update(verdict="refused", how=type(e).__name__, error=None, reason=str(e))
+        # a refusal names the module: its first word is a module path of the model, or <model>
+        path = str(e).split(" ")[0]
+        named = path == "<model>" or path in dict(_build(source, name).named_modules())
+        row.update(verdict="refused", how=type(e).__name__, error=None, reason=str(e), names_module=named)
     except Exception as e:  # noqa: BLE001 - any other exception is a failure to report
         row.update(verdict="CRASH", how=type(e).__name__, error=None, reason=f"{type(e).__name__}: {e}")
     row["seconds"] = round(time.perf_counter() - start, 1)

@@ -87,6 +87,9 @@ def test_timm_unknown_name_is_refused() -> None:
 
     with pytest.raises(ValueError, match="'not_a_model' is not a timm model"):
         build_classifier("timm:not_a_model", 2)
+    # a ViT checks its input size against the one it was built for: refused, naming it
+    with pytest.raises(ValueError, match="vit_tiny_patch16_224 cannot be used as a slide trunk"):
+        build_classifier("timm:vit_tiny_patch16_224", 2)
 
 
 def test_timm_weights_load_with_their_own_keys(tmp_path) -> None:

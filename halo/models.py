@@ -71,7 +71,15 @@ def _timm_trunk(model: nn.Module) -> tuple[nn.Sequential, int]:
     model.eval()
     try:
         with torch.no_grad():
-            expected = model.forward_features(probe)
+            try:
+                expected = model.forward_features(probe)
+            except Exception as e:  # noqa: BLE001 - e.g. ViT's fixed input size: not a trunk halo can shard
+                name = model.pretrained_cfg.get("architecture", type(model).__name__)
+                raise ValueError(
+                    f"timm model {name} cannot be used as a slide trunk: its forward_features fails on a 64 x 64 "
+                    f"image ({type(e).__name__}: {e}); halo needs a convolutional trunk that takes any image size "
+                    f"(README's backbone table lists the families halo shards)"
+                ) from e
             for h in hooks:
                 h.remove()
             pieces: list[tuple[str, nn.Module]] = []

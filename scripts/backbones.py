@@ -92,6 +92,18 @@ def _params(source: str, name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _module_names(source: str, name: str) -> set[str]:
+    """The model's module paths, from a copy built on the meta device (no memory: ViT-H has 630M parameters)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = _build(source, name)
+    except (NotImplementedError, RuntimeError):  # builders that compute with tensors (RegNet)
+        model = _build(source, name)
+    return {n for n, _ in model.named_modules()}
+
+
 def check_model(source: str, name: str) -> dict:
     """One model's verdict on this rank of a 1x2 world: run on every rank (gloo)."""
     import copy
@@ -146,7 +158,7 @@ def check_model(source: str, name: str) -> dict:
     except (HaloNotSupportedError, HaloShapeError) as e:
         # a refusal names the module: its first word is a module path of the model, or <model>
         path = str(e).split(" ")[0]
-        named = path == "<model>" or path in dict(_build(source, name).named_modules())
+        named = path == "<model>" or path in _module_names(source, name)
         row.update(verdict="refused", how=type(e).__name__, error=None, reason=str(e), names_module=named)
     except Exception as e:  # noqa: BLE001 - any other exception is a failure to report
         row.update(verdict="CRASH", how=type(e).__name__, error=None, reason=f"{type(e).__name__}: {e}")

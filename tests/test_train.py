@@ -134,3 +134,8 @@ def test_bad_manifest_stops_before_training(cohort: Path, tmp_path: Path) -> Non
     assert "missing_slide.tif" in out.stderr and "lymphoma" in out.stderr
     assert "line 10" in out.stderr and "line 11" in out.stderr
     assert not (run_dir / "checkpoints").exists()
+    # said once, by one rank, without a traceback through halo (torchrun adds its own summary)
+    both = out.stdout + out.stderr
+    assert both.count("problem(s) in the slide manifest") == 1, both
+    assert "halo/engine.py" not in both and "halo: rank" not in both, both
+    assert "exitcode  : 2" in both, both

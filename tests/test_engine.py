@@ -1,0 +1,127 @@
+"""The engine in one process (world 1, gloo): what a run reads, writes and warns about."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from halo.engine import group_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- which slide each image group reads at each step ------------------------------------------
+@pytest.mark.parametrize("slides,groups", [(1, 3), (2, 3), (4, 3), (5, 3), (6, 3), (7, 2), (3, 1), (1, 8)])
+def test_every_group_runs_the_same_steps_and_each_slide_counts_once(slides: int, groups: int) -> None:
+    order = [10 + i for i in range(slides)]
+    plan = [group_steps(order, groups, g) for g in range(groups)]
+    steps = {len(p) for p in plan}
+    assert steps == {-(-slides // groups)}, plan  # the same number of collectives on every group
+    weighted = sorted(i for p in plan for i, w in p if w > 0)
+    assert weighted == order, plan  # every slide once with weight, the padding with weight 0
+    assert all(w in (0.0, 1.0) for p in plan for _, w in p)
+
+
+def test_no_slides_no_steps() -> None:
+    assert group_steps([], 3, 1) == []
+
+
+# -- a whole run in one process ---------------------------------------------------------------------
+def _write_cohort(root: Path, splits: dict[str, str], same_names: bool = False) -> Path:
+    """Four small slides (two per class) with the given split per slide; two folders if ``same_names``."""
+    from halo.data.synth import make_slide
+
+    rows = []
+    for i, (name, split) in enumerate(splits.items()):
+        label = "tumour" if i % 2 else "normal"
+        folder = root / (f"site{i % 2}" if same_names else "slides")
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"slide_{i // 2}" if same_names else name
+        tif, _, _ = make_slide(folder, stem, seed=3, index=i, tumour=bool(i % 2), size=(256, 256), mpp=0.5, levels=2)
+        rows.append({"slide": str((folder / tif).relative_to(root)), "label": label, "split": split})
+    out = root / "cohort.csv"
+    with open(out, "w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=["slide", "label", "split"])
+        wr.writeheader()
+        wr.writerows(rows)
+    return out
+
+
+def _run(csv_path: str, run_dir: str, extra: list[str]) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from halo.train import CONF_DIR, run
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "data=csv", f"data.csv={csv_path}", "data.classes=[normal,tumour]", "data.mpp=1.0", "mesh=1x1",
+            "train.epochs=1", "train.progress=false", "train.threads=1", "data.augment=false", *extra,
+        ])
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.INFO)
+    logger = logging.getLogger("halo.train")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        summary = run(cfg, run_dir=run_dir)
+    finally:
+        logger.removeHandler(handler)
+    return {"summary": summary, "log": records}
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.timeout(300)
+def test_run_records_what_it_read_and_predicts_the_test_rows(pool1, tmp_path: Path) -> None:
+    cohort = _write_cohort(tmp_path, {"a": "train", "b": "train", "c": "val", "d": "val", "e": "test", "f": "test"})
+    run_dir = tmp_path / "run"
+    out = pool1.run(_run, str(cohort), str(run_dir), [])[0]
+    records = {r["key"]: r for r in _rows(run_dir / "slides.csv")}
+    assert set(records) == {f"slides/{n}" for n in "abcdef"}, records
+    for r in records.values():
+        assert r["level"] == "1" and float(r["mpp"]) == pytest.approx(1.0), r
+        assert r["reader"] and r["vendor"], r
+        assert int(r["padded_height"]) % 32 == 0 and int(r["padded_width"]) % 32 == 0, r
+        assert 0.0 < float(r["tissue_fraction"]) <= 1.0, r
+        assert float(r["read_seconds"]) > 0, r
+        w, h = int(r["region_width"]), int(r["region_height"])
+        assert 0 < w <= 256 and 0 < h <= 256, r
+    assert {records[k]["split"] for k in records} == {"train", "val", "test"}
+    test_rows = _rows(run_dir / "test_predictions.csv")
+    assert sorted(r["slide"] for r in test_rows) == ["slides/e", "slides/f"]
+    assert "test" in out["summary"] and "auc" in out["summary"]["test"]
+    assert any("slides/s" in line for line in out["log"]), out["log"]
+
+
+@pytest.mark.timeout(300)
+def test_a_cohort_without_validation_warns_and_keeps_best(pool1, tmp_path: Path) -> None:
+    cohort = _write_cohort(tmp_path, {"a": "train", "b": "train", "c": "train", "d": "train"})
+    run_dir = tmp_path / "run"
+    out = pool1.run(_run, str(cohort), str(run_dir), [])[0]
+    warned = [line for line in out["log"] if "no validation" in line]
+    assert len(warned) == 1, out["log"]
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["best_epoch"] == 1
+
+
+@pytest.mark.timeout(300)
+def test_two_slides_with_one_file_name_give_two_predictions(pool1, tmp_path: Path) -> None:
+    cohort = _write_cohort(tmp_path, {"a": "train", "b": "train", "c": "val", "d": "val"}, same_names=True)
+    run_dir = tmp_path / "run"
+    pool1.run(_run, str(cohort), str(run_dir), [])
+    rows = _rows(run_dir / "predictions.csv")
+    assert sorted(r["slide"] for r in rows) == ["site0/slide_1", "site1/slide_1"], rows
+    maps = sorted(p.name for p in (run_dir / "heatmaps").glob("*.png"))
+    assert len(maps) == 2, maps

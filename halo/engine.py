@@ -6,6 +6,7 @@ Vocabulary: an *image group* is the ``rows x cols`` ranks that share one slide (
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -25,10 +26,11 @@ import halo
 from halo.checkpoint import check_signature, load_checkpoint, save_atomic, signature
 from halo.checkpoint import FORMAT as CKPT_FORMAT
 from halo.data import Augment, ManifestError, Prefetcher, SlideDataset
+from halo.errors import InputError
 from halo.evaluate import save_heatmap, slide_metrics, write_predictions
 from halo.models import build_classifier, total_stride
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "group_steps", "file_name"]
 
 log = logging.getLogger("halo.train")
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -45,6 +47,68 @@ def _all_gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def group_steps(order: list[int], groups: int, group: int) -> list[tuple[int, float]]:
+    """The slides image group ``group`` of ``groups`` reads, one per step, each with its loss weight.
+
+    Every group gets ``ceil(len(order) / groups)`` steps, so every group runs the same collectives
+    whatever the slide count; steps past the end of ``order`` repeat slides from its start
+    (cyclically) with weight 0, so each slide of ``order`` counts exactly once.
+    """
+    n = len(order)
+    steps = -(-n // groups) if n else 0
+    return [(order[k % n], 1.0 if k < n else 0.0) for k in (s * groups + group for s in range(steps))]
+
+
+def file_name(key: str) -> str:
+    """A file name for a slide key (keys are relative paths such as ``siteA/slide_001``)."""
+    out = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in key.replace("/", "__").replace("\\", "__"))
+    return out.lstrip(".") or "slide"
+
+
+SLIDE_RECORD = {
+    "key": "the slide's key (its CSV entry, or slide_id): predictions and heatmaps are named by it",
+    "path": "the file read",
+    "csv_line": "its line in the CSV (header = 1)",
+    "split": "train, val or test",
+    "label": "its class",
+    "vendor": "OpenSlide's format name (aperio, generic-tiff, dicom, ...)",
+    "reader": "what decoded its pixels (tifffile: the stored level as is; openslide)",
+    "level": "pyramid level read",
+    "level_downsample": "level-0 pixels per pixel of that level",
+    "downsample": "level-0 pixels per training pixel (above level_downsample: box-filtered)",
+    "mpp": "microns per training pixel (empty: unknown)",
+    "region_x": "left of the tissue box read, level-0 pixels",
+    "region_y": "top of the tissue box read, level-0 pixels",
+    "region_width": "width of the tissue box read, level-0 pixels",
+    "region_height": "height of the tissue box read, level-0 pixels",
+    "padded_height": "height of the padded region the model sees, training pixels",
+    "padded_width": "width of the padded region the model sees, training pixels",
+    "block_height": "height of each rank's block",
+    "block_width": "width of each rank's block",
+    "tissue_fraction": "fraction of the slide's thumbnail detected as tissue (empty: detection off)",
+    "read_seconds": "seconds to read one block (the slowest rank of its image group, last read)",
+}
+"""The columns of ``slides.csv``: one row per slide read in the run."""
+
+
+def slide_record(row, plan, classes: list[str]) -> dict[str, Any]:
+    """One ``slides.csv`` row (see :data:`SLIDE_RECORD`) from a manifest row and its region plan."""
+    (bx, by), (bw, bh) = plan.tissue_box
+    pw, ph = plan.padded_size
+    bh_, bw_ = plan.block_shape()
+    mask = plan.thumb_mask
+    return {
+        "key": row.slide_id, "path": row.path, "csv_line": row.line, "split": row.split or "",
+        "label": classes[row.label] if 0 <= row.label < len(classes) else "",
+        "vendor": getattr(plan, "vendor", ""), "reader": getattr(plan, "reader", "openslide"),
+        "level": plan.level, "level_downsample": round(plan.level_downsample, 6),
+        "downsample": round(plan.downsample, 6), "mpp": "" if plan.mpp is None else round(plan.mpp, 6),
+        "region_x": bx, "region_y": by, "region_width": bw, "region_height": bh,
+        "padded_height": ph, "padded_width": pw, "block_height": bh_, "block_width": bw_,
+        "tissue_fraction": "" if mask is None else round(float(mask.mean()), 4), "read_seconds": 0.0,
+    }
 
 
 class Engine:
@@ -64,6 +128,7 @@ class Engine:
         self.mesh = halo.SpatialMesh(int(cfg.mesh.rows), int(cfg.mesh.cols))
         self.group = self.mesh.coords[0]
         self.classes = list(cfg.data.classes)
+        self._records: dict[str, dict[str, Any]] = {}  # slide key -> what this rank read (slides.csv)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / ".hydra").mkdir(exist_ok=True)
@@ -109,16 +174,18 @@ class Engine:
             except (ManifestError, ValueError, FileNotFoundError) as e:
                 problem = f"{type(e).__name__}: {e}"
         problem = _broadcast(problem)
-        if problem:
-            raise SystemExit(f"halo-train: nothing was trained, the manifest has problems:\n{problem}")
+        if problem:  # every rank raises it; the launcher's guard prints it once
+            raise InputError(f"halo-train: nothing was trained, the manifest has problems:\n{problem}")
         return SlideDataset(csv, **kwargs, validate=False)
 
     def _block(self, ds: SlideDataset, index: int, augment_seed: int | None) -> torch.Tensor | None:
         spec = Augment().draw(augment_seed) if augment_seed is not None and self.cfg.data.augment else None
         _, row, col = self.mesh.coords
+        started = time.perf_counter()
         block = ds.read_block_safe(index, row, col, augment=spec)
         if block is None:
             return None
+        self._note_read(ds, index, time.perf_counter() - started)
         x = torch.from_numpy(np.ascontiguousarray(block)).permute(2, 0, 1)[None].float().div_(255)
         return ((x - MEAN) / STD).to(self.device, non_blocking=True)
 
@@ -129,11 +196,29 @@ class Engine:
         dist.all_reduce(flags)
         return flags == 0
 
-    def _shard(self, order: list[int], pad: bool) -> list[int]:
-        groups = self.mesh.data
-        if pad and len(order) % groups:
-            order = order + order[: groups - len(order) % groups]
-        return order[self.group :: groups]
+    # -- records: slides.csv -----------------------------------------------------------
+    def _note_read(self, ds: SlideDataset, index: int, seconds: float) -> None:
+        """Remember what this rank read of a slide (its plan) and how long its block took."""
+        row = ds.rows[index]
+        rec = self._records.get(row.slide_id)
+        if rec is None:
+            rec = self._records[row.slide_id] = slide_record(row, ds.plan(index), self.classes)
+        rec["read_seconds"] = round(seconds, 4)
+
+    def _write_slides(self) -> None:
+        """Merge every rank's records (the slowest rank's read time) into ``slides.csv``; collective."""
+        merged: dict[str, dict[str, Any]] = {}
+        for part in _all_gather(self._records):
+            for key, rec in part.items():
+                old = merged.get(key)
+                if old is None or rec["read_seconds"] > old["read_seconds"]:
+                    merged[key] = rec
+        if self.is_main and merged:
+            rows = sorted(merged.values(), key=lambda r: (r["split"] or "", r["key"]))
+            with open(self.run_dir / "slides.csv", "w", newline="") as fh:
+                wr = csv.DictWriter(fh, fieldnames=list(SLIDE_RECORD))
+                wr.writeheader()
+                wr.writerows(rows)
 
     # -- training ---------------------------------------------------------------------
     def _optimizer(self, params, steps_per_epoch: int):
@@ -171,8 +256,12 @@ class Engine:
         t = self.cfg.train
         train_ds = self._dataset("train", validate=True)
         val_ds = self._dataset("val", validate=False)
+        test_ds = self._dataset("test", validate=False)
         if len(train_ds) == 0:
-            raise ValueError(f"no slides with split 'train' in {train_ds.csv_path}")
+            raise InputError(f"halo-train: no slides with split 'train' in {train_ds.csv_path}")
+        if len(val_ds) == 0 and self.is_main:
+            log.warning("no validation slides in %s (no rows with split 'val'): no AUC is measured, and "
+                        "checkpoints/best.pt is the last epoch's weights", train_ds.csv_path)
         steps_per_epoch = math.ceil(len(train_ds) / self.mesh.data)
         accumulate = max(1, int(t.accumulate))
         ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -187,29 +276,36 @@ class Engine:
         for epoch in range(state["epoch"], int(t.epochs)):
             started = time.time()
             loss_sum, seen = self._train_epoch(ddp, opt, sched, train_ds, epoch, steps_per_epoch, accumulate, weights)
+            trained_s = time.time() - started
             state["slides_seen"] += seen
             metrics, rows, _ = self._evaluate(val_ds, heatmaps=False)
             record = {"epoch": epoch + 1, "train_loss": loss_sum, **{f"val_{k}": v for k, v in metrics.items() if k != "confusion"},
                       "lr": sched.get_last_lr()[0], "slides_seen": state["slides_seen"], "seconds": round(time.time() - started, 2)}
             state["history"].append(record)
-            improved = not math.isnan(metrics.get("auc", math.nan)) and metrics["auc"] > state["best_auc"]
+            if len(val_ds) == 0:  # nothing to choose by: the last epoch is the best
+                improved = True
+            else:
+                improved = not math.isnan(metrics.get("auc", math.nan)) and metrics["auc"] > state["best_auc"]
             if improved:
-                state["best_auc"], state["best_epoch"] = metrics["auc"], epoch + 1
+                state["best_auc"], state["best_epoch"] = metrics.get("auc", math.nan), epoch + 1
             state["epoch"] = epoch + 1
             # best.pt before last.pt: a job stopped in between resumes from the previous last.pt
             # and redoes this epoch; a last.pt that names a best epoch always has its best.pt
             self._save([self.run_dir / "checkpoints" / "best.pt", last] if improved else [last], opt, sched, state)
+            self._write_slides()
             if self.is_main:
                 self._write_metrics(state["history"])
                 self._write_predictions(rows)
-                log.info("epoch %d: train loss %.4f, val auc %.3f, balanced acc %.3f", epoch + 1, loss_sum,
+                log.info("epoch %d: %d slides in %.1f s (%.2f slides/s), train loss %.4f, val auc %.3f, "
+                         "balanced acc %.3f", epoch + 1, seen, trained_s, seen / max(trained_s, 1e-9), loss_sum,
                          metrics.get("auc", math.nan), metrics.get("balanced_accuracy", math.nan))
-        return self._finish(state, val_ds)
+        return self._finish(state, val_ds, test_ds)
 
     def _train_epoch(self, ddp, opt, sched, ds, epoch, steps, accumulate, weights) -> tuple[float, int]:
         t = self.cfg.train
         rng = np.random.default_rng([int(t.seed), epoch])
-        order = self._shard([int(i) for i in rng.permutation(len(ds))], pad=True)
+        steps = group_steps([int(i) for i in rng.permutation(len(ds))], self.mesh.data, self.group)
+        order = [i for i, _ in steps]
         seeds = {i: int(np.random.default_rng([int(t.seed), epoch, i]).integers(2**31)) for i in order}
         self._set_train_mode()
         total = torch.zeros((), device=self.device)
@@ -223,8 +319,8 @@ class Engine:
         with Prefetcher(lambda i: self._block(ds, i, seeds[i]), order) as blocks:
             for step, (index, x) in enumerate(blocks):
                 ok = self._agree(x is not None)
-                use = bool(ok[self.group])
-                if not use:  # keep every collective in step: a zero input with zero weight
+                use = bool(ok[self.group]) and steps[step][1] > 0  # padding steps repeat a slide, weight 0
+                if x is None:  # keep every collective in step: a zero input with zero weight
                     x = torch.zeros(1, 3, *ds.plan(order[0]).block_shape(), device=self.device) if x is None else x
                 label = torch.tensor([ds.rows[index].label], device=self.device)
                 sync = (step + 1) % accumulate == 0 or step + 1 == len(order)
@@ -255,20 +351,21 @@ class Engine:
     @torch.no_grad()
     def _evaluate(self, ds: SlideDataset, heatmaps: bool) -> tuple[dict[str, float], list[dict], list]:
         self.model.eval()
-        mine = self._shard(list(range(len(ds))), pad=True)
+        mine = group_steps(list(range(len(ds))), self.mesh.data, self.group)
         rows, maps = [], []
-        for step, index in enumerate(mine):
+        for index, weight in mine:
             x = self._block(ds, index, None)
             ok = self._agree(x is not None)
-            if not ok[self.group]:
-                x = torch.zeros(1, 3, *ds.plan(mine[0]).block_shape(), device=self.device) if x is None else x
+            if x is None:
+                x = torch.zeros(1, 3, *ds.plan(mine[0][0]).block_shape(), device=self.device)
             with self._autocast():
                 logits = self.model(x).float()
             head_map = getattr(self.model.head, "last_map", None)
             if heatmaps and head_map is not None:
                 full = halo.gather(head_map.float(), self.mesh)
-                maps.append((index, full[0].cpu().numpy()))
-            if ok[self.group] and self.mesh.coords[1:] == (0, 0):
+                if weight > 0:
+                    maps.append((index, full[0].cpu().numpy()))
+            if ok[self.group] and weight > 0 and self.mesh.coords[1:] == (0, 0):
                 item = ds.rows[index]
                 rows.append({"slide": item.slide_id, "index": index, "split": item.split, "label": item.label,
                              "probs": torch.softmax(logits[0], 0).cpu().tolist()})
@@ -295,23 +392,32 @@ class Engine:
             item = ds.rows[index]
             score = m[-1] if m.shape[0] > 1 else m[0]  # positive class (CAM) or attention weights
             label = "attention" if m.shape[0] == 1 else f"{self.classes[-1]} score"
-            save_heatmap(out / f"{item.slide_id}.png", ds.plan(index), score, mask_path=item.mask, label=label,
+            save_heatmap(out / f"{file_name(item.slide_id)}.png", ds.plan(index), score, mask_path=item.mask, label=label,
                          title=f"{item.slide_id} (label {self.classes[item.label]})")
 
-    def _finish(self, state: dict, val_ds: SlideDataset) -> dict[str, Any]:
+    def _finish(self, state: dict, val_ds: SlideDataset, test_ds: SlideDataset) -> dict[str, Any]:
         best = self.run_dir / "checkpoints" / "best.pt"
         if best.is_file():
             self.model.load_state_dict(load_checkpoint(best)["model_state"])
         metrics, rows, maps = self._evaluate(val_ds, heatmaps=bool(self.cfg.train.heatmaps))
+        test: tuple | None = None
+        if len(test_ds):  # held-out rows: predicted once, with the best checkpoint
+            test = self._evaluate(test_ds, heatmaps=bool(self.cfg.train.heatmaps))
+        self._write_slides()
         summary = {
-            "val_auc": state["best_auc"] if state["best_epoch"] > 0 else None,
+            "val_auc": state["best_auc"] if state["best_epoch"] > 0 and not math.isnan(state["best_auc"]) else None,
             "best_epoch": state["best_epoch"], "slides_seen": state["slides_seen"], "epochs": state["epoch"],
             "final": {k: v for k, v in metrics.items()}, "world_size": dist.get_world_size(),
             "mesh": [self.mesh.rows, self.mesh.cols], "run_dir": str(self.run_dir),
         }
+        if test is not None:
+            summary["test"] = {"slides": len(test[1]), **test[0]}
         if self.is_main:
             self._write_predictions(rows)
             self._heatmaps(val_ds, maps)
+            if test is not None:
+                write_predictions(self.run_dir / "test_predictions.csv", test[1], self.classes)
+                self._heatmaps(test_ds, test[2])
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         dist.barrier()
         return summary
@@ -349,6 +455,7 @@ class Engine:
         self.model.load_state_dict(ckpt["model_state"])
         ds = self._dataset(None, validate=True)
         metrics, rows, maps = self._evaluate(ds, heatmaps=bool(self.cfg.train.heatmaps))
+        self._write_slides()
         summary = {"mode": "predict", "checkpoint": str(self.cfg.checkpoint), "slides": len(rows),
                    "metrics": {k: v for k, v in metrics.items()}}
         if self.is_main:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["HaloNotSupportedError", "HaloShapeError"]
+__all__ = ["HaloNotSupportedError", "HaloShapeError", "InputError"]
 
 
 class HaloNotSupportedError(NotImplementedError):
@@ -16,3 +16,11 @@ class HaloNotSupportedError(NotImplementedError):
 
 class HaloShapeError(ValueError):
     """A local block whose size does not divide as a layer needs, or a halo wider than a block."""
+
+
+class InputError(ValueError):
+    """Bad input that every rank finds alike (a manifest with problems, an empty split).
+
+    Launchers print its message once, from rank 0, without a traceback, and exit with
+    status 2; nothing has been trained or written when it is raised.
+    """

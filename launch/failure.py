@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from halo.errors import InputError
 from launch.env import DistEnv
 
 __all__ = ["Heartbeat", "Terminated", "cause", "diagnose", "exit_job", "guard", "run_guarded"]
@@ -46,6 +47,9 @@ T = TypeVar("T")
 _BEAT = "halo/beat/{}"
 _FAILED = "halo/failed/{}"
 _STORE_TIMEOUT = timedelta(seconds=5)
+_REPORTED = "halo/input_reported"
+INPUT_EXIT_CODE = 2
+"""Exit status of every rank when the input is bad (`halo.errors.InputError`): nothing ran."""
 
 
 class Terminated(BaseException):
@@ -211,6 +215,10 @@ def guard(
         old_handler = signal.signal(signal.SIGTERM, _on_term)
     try:
         yield
+    except InputError as exc:  # every rank found the same bad input: say it once, plainly
+        failing.set()
+        _report_once(env, store, exc)
+        exit_job(env, INPUT_EXIT_CODE)
     except SystemExit as exc:
         if exc.code in (None, 0):
             raise
@@ -222,6 +230,23 @@ def guard(
             beat.stop()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
+
+
+def _report_once(env: DistEnv, store: Any, exc: InputError) -> None:
+    """Rank 0 prints the message; the others wait until it has (a launcher that sees their exit
+    would otherwise terminate rank 0 before it prints), then exit silently."""
+    if env.rank == 0:
+        print(str(exc), file=sys.stderr, flush=True)
+        if store is not None:
+            try:
+                store.set(_REPORTED, "1")
+            except Exception:  # noqa: BLE001
+                pass
+    elif store is not None:
+        try:
+            store.wait([_REPORTED], timedelta(seconds=10))
+        except Exception:  # noqa: BLE001 - rank 0 is gone: nothing more to wait for
+            pass
 
 
 def _fail(

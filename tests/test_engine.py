@@ -71,8 +71,14 @@ def _run(csv_path: str, run_dir: str, extra: list[str]) -> dict:
     logger = logging.getLogger("halo.train")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    import torch.distributed as dist
+
+    from launch.env import DistEnv
+
+    env = DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=dist.get_rank(),
+                  master_addr="localhost", master_port=29500, source="single")
     try:
-        summary = run(cfg, run_dir=run_dir)
+        summary = run(cfg, run_dir=run_dir, env=env)
     finally:
         logger.removeHandler(handler)
     return {"summary": summary, "log": records}
@@ -125,3 +131,21 @@ def test_two_slides_with_one_file_name_give_two_predictions(pool1, tmp_path: Pat
     assert sorted(r["slide"] for r in rows) == ["site0/slide_1", "site1/slide_1"], rows
     maps = sorted(p.name for p in (run_dir / "heatmaps").glob("*.png"))
     assert len(maps) == 2, maps
+
+
+@pytest.mark.timeout(300)
+def test_one_slide_over_three_image_groups_trains_and_validates(tmp_path: Path) -> None:
+    """World 3, mesh 1x1: the old schedule gave the third group no step, and the others waited
+    for it in a collective until the timeout."""
+    from distributed import ProcessPool
+
+    cohort = _write_cohort(tmp_path, {"a": "train", "b": "val"})
+    run_dir = tmp_path / "run"
+    pool = ProcessPool(3)
+    try:
+        out = pool.run(_run, str(cohort), str(run_dir), ["train.epochs=2"], timeout=150)
+    finally:
+        pool.close()
+    assert [o["summary"]["slides_seen"] for o in out] == [2, 2, 2]  # the slide once per epoch, not 3 times
+    rows = _rows(run_dir / "predictions.csv")
+    assert len(rows) == 1 and rows[0]["split"] == "val", rows

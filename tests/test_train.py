@@ -54,23 +54,31 @@ def test_overrides_reach_the_config() -> None:
     assert (cfg.model.name, cfg.head.name, cfg.dist.timeout_s, cfg.data.kind) == ("resnet18", "attention", 30, "synthetic")
 
 
-@pytest.mark.parametrize("group,options", [
-    ("model", ["halo_tiny", "resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_small", "regnet_y_400mf"]),
-    ("head", ["max", "mean", "attention", "topk"]),
-    ("data", ["synthetic", "csv"]),
-    ("mesh", ["1x1", "2x1", "2x2"]),
-])
-def test_every_config_option_composes_and_builds(group: str, options: list[str]) -> None:
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def test_the_option_lists_are_the_conf_folders() -> None:
+    assert {"halo_tiny", "resnet50", "timm_efficientnet_b0"} <= set(_options("model"))
+    assert {"synthetic", "csv"} <= set(_options("data")) and {"1x1", "2x2"} <= set(_options("mesh"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "head", "data", "mesh") for o in _options(g)])
+def test_every_config_option_composes_and_builds(group: str, option: str) -> None:
     from halo.models import build_classifier
 
-    for option in options:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=[f"{group}={option}"])
-        assert cfg[group].get("name", option) == option or group in ("data", "mesh")
-        if group in ("model", "head"):
-            model = build_classifier(cfg.model.name, cfg.model.num_classes, head=cfg.head.name,
-                                     head_options=dict(cfg.head.options))
-            assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"{group}={option}"])
+    if group in ("model", "head"):
+        # conf/model/timm_<name>.yaml is model.name=timm:<name>
+        assert cfg[group].name == (f"timm:{option[5:]}" if option.startswith("timm_") else option)
+        model = build_classifier(cfg.model.name, cfg.model.num_classes, head=cfg.head.name,
+                                 head_options=dict(cfg.head.options))
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+    elif group == "data":
+        assert cfg.data.kind == option
+    else:
+        assert f"{cfg.mesh.rows}x{cfg.mesh.cols}" == option
 
 
 @pytest.mark.timeout(600)

@@ -26,11 +26,12 @@ import halo
 from halo.checkpoint import check_signature, load_checkpoint, save_atomic, signature
 from halo.checkpoint import FORMAT as CKPT_FORMAT
 from halo.data import Augment, ManifestError, Prefetcher, SlideDataset
+from halo.data.dataset import slide_file_name
 from halo.errors import InputError
 from halo.evaluate import save_heatmap, slide_metrics, write_predictions
 from halo.models import build_classifier, total_stride
 
-__all__ = ["Engine", "group_steps", "file_name"]
+__all__ = ["Engine", "group_steps", "slide_record", "SLIDE_RECORD"]
 
 log = logging.getLogger("halo.train")
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -59,12 +60,6 @@ def group_steps(order: list[int], groups: int, group: int) -> list[tuple[int, fl
     n = len(order)
     steps = -(-n // groups) if n else 0
     return [(order[k % n], 1.0 if k < n else 0.0) for k in (s * groups + group for s in range(steps))]
-
-
-def file_name(key: str) -> str:
-    """A file name for a slide key (keys are relative paths such as ``siteA/slide_001``)."""
-    out = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in key.replace("/", "__").replace("\\", "__"))
-    return out.lstrip(".") or "slide"
 
 
 SLIDE_RECORD = {
@@ -165,6 +160,7 @@ class Engine:
         kwargs = dict(
             classes=self.classes, grid=(self.mesh.rows, self.mesh.cols), multiple=self.multiple, mpp=data.mpp,
             level=data.level, split=split, strict=bool(data.strict), root=data.root, record_dir=self.run_dir,
+            val_fraction=float(data.val_fraction), seed=int(data.split_seed),
         )
         csv = self._csv()
         problem = None
@@ -259,6 +255,10 @@ class Engine:
         test_ds = self._dataset("test", validate=False)
         if len(train_ds) == 0:
             raise InputError(f"halo-train: no slides with split 'train' in {train_ds.csv_path}")
+        if train_ds.derived_split and self.is_main:
+            log.info("%s has no split column: a patient-level stratified split (data.val_fraction=%g, "
+                     "data.split_seed=%d) gives %d train and %d val slides", train_ds.csv_path,
+                     float(self.cfg.data.val_fraction), int(self.cfg.data.split_seed), len(train_ds), len(val_ds))
         if len(val_ds) == 0 and self.is_main:
             log.warning("no validation slides in %s (no rows with split 'val'): no AUC is measured, and "
                         "checkpoints/best.pt is the last epoch's weights", train_ds.csv_path)
@@ -392,7 +392,7 @@ class Engine:
             item = ds.rows[index]
             score = m[-1] if m.shape[0] > 1 else m[0]  # positive class (CAM) or attention weights
             label = "attention" if m.shape[0] == 1 else f"{self.classes[-1]} score"
-            save_heatmap(out / f"{file_name(item.slide_id)}.png", ds.plan(index), score, mask_path=item.mask, label=label,
+            save_heatmap(out / f"{slide_file_name(item.slide_id)}.png", ds.plan(index), score, mask_path=item.mask, label=label,
                          title=f"{item.slide_id} (label {self.classes[item.label]})")
 
     def _finish(self, state: dict, val_ds: SlideDataset, test_ds: SlideDataset) -> dict[str, Any]:

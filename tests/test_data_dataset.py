@@ -47,6 +47,7 @@ def test_items_weights_and_splits(cohort: Path) -> None:
 
 def test_every_problem_reported_at_once(tmp_path: Path) -> None:
     write_slide(tmp_path / "good.tif", noise_slide_image(256, 192, 0), mpp=0.5, levels=2)
+    write_slide(tmp_path / "good2.tif", noise_slide_image(256, 192, 3), mpp=0.5, levels=2)
     write_slide(tmp_path / "tiny.tif", noise_slide_image(40, 40, 1), mpp=0.5, levels=1)
     write_slide(tmp_path / "nompp.tif", noise_slide_image(256, 192, 2), mpp=None, levels=1)
     (tmp_path / "broken.svs").write_bytes(b"not a slide at all")
@@ -54,7 +55,7 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
         {"slide": "good.tif", "label": "normal"},  # line 2: fine
         {"slide": "missing.tif", "label": "normal"},  # line 3
         {"slide": "broken.svs", "label": "tumour"},  # line 4
-        {"slide": "good.tif", "label": "cancer"},  # line 5
+        {"slide": "good2.tif", "label": "cancer"},  # line 5
         {"slide": "tiny.tif", "label": "normal"},  # line 6
         {"slide": "nompp.tif", "label": "tumour"},  # line 7
     ]
@@ -67,7 +68,7 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
     assert len(probs) == 5, probs
     assert "line 3" in probs[0] and "missing.tif" in probs[0] and "not found" in probs[0]
     assert "line 4" in probs[1] and "broken.svs" in probs[1] and "SlideOpenError" in probs[1]
-    assert "line 5" in probs[2] and "'cancer'" in probs[2] and "good.tif" in probs[2]
+    assert "line 5" in probs[2] and "'cancer'" in probs[2] and "good2.tif" in probs[2]
     assert "line 6" in probs[3] and "tiny.tif" in probs[3] and "too small" in probs[3]
     assert "line 7" in probs[4] and "nompp.tif" in probs[4] and "mpp" in probs[4]
 
@@ -84,9 +85,15 @@ def test_manifest_structure_errors(tmp_path: Path) -> None:
         hd.SlideDataset(p, classes=CLASSES)
 
 
-def test_split_without_rows(cohort: Path) -> None:
-    with pytest.raises(hd.ManifestError, match="no rows with split='test'"):
-        hd.SlideDataset(cohort, classes=CLASSES, multiple=16, split="test")
+def test_split_without_rows(cohort: Path, tmp_path: Path) -> None:
+    test = hd.SlideDataset(cohort, classes=CLASSES, multiple=16, mpp=1.0, split="test")  # empty, still loads
+    assert len(test) == 0 and len(test.all_rows) == 4 and not test.derived_split
+    only_val = write_csv(tmp_path / "val.csv", [{"slide": "s0.tif", "label": "normal", "split": "val"}])
+    assert len(hd.SlideDataset(only_val, classes=CLASSES, multiple=16, mpp=1.0, split="val")) == 1
+    with pytest.raises(hd.ManifestError, match="no rows with split='train'"):
+        hd.SlideDataset(only_val, classes=CLASSES, multiple=16, mpp=1.0, split="train")
+    with pytest.raises(ValueError, match="split must be one of"):
+        hd.SlideDataset(cohort, classes=CLASSES, split="validation")
 
 
 def test_slide_unreadable_mid_run_is_skipped_and_recorded(cohort: Path, tmp_path: Path) -> None:

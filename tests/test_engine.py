@@ -149,3 +149,28 @@ def test_one_slide_over_three_image_groups_trains_and_validates(tmp_path: Path) 
     assert [o["summary"]["slides_seen"] for o in out] == [2, 2, 2]  # the slide once per epoch, not 3 times
     rows = _rows(run_dir / "predictions.csv")
     assert len(rows) == 1 and rows[0]["split"] == "val", rows
+
+
+@pytest.mark.timeout(300)
+def test_a_csv_without_split_trains_on_a_patient_level_split(pool1, tmp_path: Path) -> None:
+    cohort = _write_cohort(tmp_path, {n: "" for n in "abcdefgh"})
+    rows = _rows(cohort)
+    patient = {"slides/a": "p1", "slides/c": "p1", "slides/b": "p2", "slides/d": "p2",
+               "slides/e": "p3", "slides/g": "p3", "slides/f": "p4", "slides/h": "p4"}
+    with open(cohort, "w", newline="") as fh:  # no split column at all, two slides per patient
+        wr = csv.DictWriter(fh, fieldnames=["slide", "label", "patient"])
+        wr.writeheader()
+        for r in rows:
+            wr.writerow({"slide": r["slide"], "label": r["label"], "patient": patient[r["slide"].removesuffix(".tif")]})
+    run_dir = tmp_path / "run"
+    out = pool1.run(_run, str(cohort), str(run_dir), ["data.val_fraction=0.5"])[0]
+    assert any("patient-level stratified split" in line for line in out["log"]), out["log"]
+    records = _rows(run_dir / "slides.csv")
+    sides: dict[str, set[str]] = {}
+    for r in records:
+        sides.setdefault(patient[r["key"]], set()).add(r["split"])
+    assert all(len(s) == 1 for s in sides.values()), sides  # no patient on both sides
+    assert {s for v in sides.values() for s in v} == {"train", "val"}, sides
+    val = sorted(r["slide"] for r in _rows(run_dir / "predictions.csv"))
+    assert val == sorted(r["key"] for r in records if r["split"] == "val") and len(val) == 4, val
+    assert out["summary"]["val_auc"] is not None

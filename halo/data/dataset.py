@@ -1,15 +1,61 @@
 """``SlideDataset``: a CSV manifest of slides and labels, validated at start-up.
 
-The CSV has a header with columns ``slide`` (a path, absolute or relative to
-``root``, or an id resolved to ``root/<id>.<ext>``) and ``label`` (a class name
-or a class index), and optionally ``split`` and ``mask``; other columns are kept
-but ignored. Rows are numbered by their line in the file (the header is line 1).
+Columns (header on line 1; rows are numbered by their line in the file):
+
+``slide`` (required)
+    A path, absolute or relative to ``root``, or an id resolved to ``root/<id>.<ext>``.
+``label`` (required)
+    A class name or a class index.
+``split``
+    ``train``, ``val`` or ``test`` (case-insensitive). Given on some rows, it must be given on
+    every row. Absent or empty everywhere, it is derived (see below).
+``patient``
+    Slides of one patient are kept in one split: a derived split puts them on one side, and a
+    given split that has a patient in two splits is a problem.
+``mpp``
+    The slide's real level-0 microns per pixel, overriding its metadata (for slides with none or
+    a wrong one). The level to read is then chosen from it and the dataset's ``mpp``.
+``level``
+    The pyramid level to read this slide at, overriding the dataset's ``mpp`` and ``level``
+    (an ``mpp`` column beside it then only sets the plan's mpp).
+``mask``
+    A ground-truth mask image (heatmap outlines), relative to ``root``.
+``slide_id``
+    The slide's key (see below).
+
+Other columns are kept in :attr:`ManifestRow.extra`.
+
+**Slide keys.** Every row has a key unique in the CSV, which names its prediction row and its
+heatmap: the ``slide_id`` column where given, else the ``slide`` entry as written (relative to
+``root`` when it is an absolute path under it), without a known slide extension unless another
+row would then get the same key. Keys may contain ``/``; :func:`slide_file_name` makes a safe,
+still unique, file name of one. The same file listed twice and two rows with one key are
+problems.
+
+**Derived split.** Without a ``split``, groups (a patient, or a slide where ``patient`` is
+empty) are split into ``train`` and ``val``, stratified by label: each group is counted in the
+class most of its slides have (ties: the lower class index), and of a class's ``n`` groups
+``round(val_fraction * n)`` go to ``val``, at least one and at most ``n - 1`` when ``n >= 2``,
+none when ``n == 1`` (and none at all with ``val_fraction=0``). Which groups, scikit-learn's
+``train_test_split`` draws from a ``RandomState(seed)``: the split depends only on the CSV,
+``val_fraction`` and ``seed``, so every process and every ``split=`` selection sees the same
+one. No ``test`` rows are derived. :attr:`SlideDataset.derived_split` says it happened.
+
+**Resolution, per slide.** A row's ``level`` column is read as is. Otherwise the slide's
+level-0 mpp (the row's ``mpp`` column, else its metadata if plausible: within
+:data:`MPP_PLAUSIBLE` um per pixel) and the dataset's ``mpp`` choose the level, as
+:func:`halo.data.select_level` does. A slide with no usable mpp (none, or an implausible one
+such as the 352.8 that OpenSlide derives from a 72-dpi TIFF resolution tag) is read at the
+dataset's ``level``; without one it is a problem naming the file and the overrides. The
+dataset's ``level`` applies only to such slides (and to every slide when the dataset's ``mpp``
+is None).
 
 At start-up every row is checked and every problem reported at once in one
-:class:`ManifestError`: missing files, unreadable slides, labels outside the
-classes, resolutions that cannot be decided, slides too small for the grid. A
-slide that becomes unreadable mid-run is skipped with a warning and appended to
-``<record_dir>/skipped_slides.csv`` (``strict=True`` makes it fatal).
+:class:`ManifestError`, sorted by CSV line, each naming the line and the file: missing or
+duplicate files, duplicate keys, unreadable slides, labels outside the classes, bad ``split``,
+``mpp`` or ``level`` values, a patient in two splits, resolutions that cannot be decided,
+slides too small for the grid. A slide that becomes unreadable mid-run is skipped with a
+warning and appended to ``<record_dir>/skipped_slides.csv`` (``strict=True`` makes it fatal).
 
 With spatial sharding, a read can fail on one rank of an image and not on the
 others: the training loop should agree across the image's ranks (for example an
@@ -19,9 +65,15 @@ all-reduce of "skip" flags) before using a block.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
+import math
 import os
+import re
 import threading
 import warnings
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,15 +82,27 @@ import numpy as np
 
 from halo.data.augment import AugmentSpec
 from halo.data.region import RegionPlan, plan_region, read_block
-from halo.data.slide import Slide, SlideError, select_level
+from halo.data.slide import LevelChoice, Slide, SlideError, SlideResolutionError, open_cached, select_level
 from halo.data.tissue import TissueOptions
 
-__all__ = ["ManifestError", "ManifestRow", "SlideItem", "SlideDataset", "SLIDE_EXTENSIONS"]
+__all__ = [
+    "ManifestError", "ManifestRow", "SlideItem", "SlideDataset", "SLIDE_EXTENSIONS", "SPLITS", "COLUMNS",
+    "MPP_PLAUSIBLE", "derive_split", "slide_file_name",
+]
 
 SLIDE_EXTENSIONS: tuple[str, ...] = (
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide", ".dcm", ".czi",
 )
 """Extensions tried, in order, when a ``slide`` entry is an id rather than a file."""
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+"""The values a ``split`` entry may take."""
+
+COLUMNS: tuple[str, ...] = ("slide", "label", "split", "patient", "mpp", "level", "mask", "slide_id")
+"""The columns the manifest reads (``slide`` and ``label`` required); others go to ``extra``."""
+
+MPP_PLAUSIBLE: tuple[float, float] = (0.1, 20.0)
+"""Level-0 microns per pixel a scanner can plausibly have; a slide's metadata outside is not trusted."""
 
 
 class ManifestError(ValueError):
@@ -61,13 +125,32 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ManifestRow:
-    """One CSV row. ``line`` is its line number in the file (header = 1)."""
+    """One CSV row. ``line`` is its line number in the file (header = 1).
+
+    Attributes
+    ----------
+    slide_id:
+        The row's key, unique in the CSV (see the module docstring).
+    path:
+        The slide's resolved path.
+    split:
+        ``train``, ``val`` or ``test``: given, or derived (:attr:`SlideDataset.derived_split`).
+    patient:
+        The ``patient`` entry, or None.
+    mpp:
+        The ``mpp`` column: the slide's level-0 microns per pixel, overriding its metadata; or None.
+    level:
+        The ``level`` column: the pyramid level to read the slide at; or None.
+    """
 
     line: int
     slide_id: str
     path: str
     label: int
     split: str | None = None
+    patient: str | None = None
+    mpp: float | None = None
+    level: int | None = None
     mask: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -90,26 +173,48 @@ class SlideDataset:
     Parameters
     ----------
     csv_path:
-        The manifest.
+        The manifest (columns: see the module docstring).
     classes:
         Class names; a label is a name in this list or an index into it.
-    grid, multiple, mpp, level, tissue, rot90, stain_normalize:
+    grid, multiple, tissue, rot90, stain_normalize:
         Passed to :func:`halo.data.plan_region`.
+    mpp:
+        Microns per target pixel; chooses each slide's level from its level-0 mpp (the row's
+        ``mpp`` column, else its plausible metadata). None: read ``level`` on every slide.
+    level:
+        Pyramid level for slides without a usable mpp (or every slide when ``mpp`` is None);
+        a row's ``level`` column overrides it.
     split:
-        Keep only rows whose ``split`` equals this (None: all rows).
+        Keep only rows of this split (``train``, ``val``, ``test``; None: all rows).
     strict:
         Make a mid-run read failure fatal instead of skipping the slide.
     root:
         Directory relative slide paths are resolved against (default: the CSV's).
     record_dir:
         Where ``skipped_slides.csv`` is written (default: nowhere).
+    val_fraction:
+        Fraction of each class's patients put in ``val`` when the split is derived.
+    seed:
+        Seed of a derived split.
     validate:
-        Validate the whole manifest now (default True).
+        Validate the whole manifest now (default True). Without it, only problems found in
+        the CSV itself (no slide opened) are raised.
+
+    Attributes
+    ----------
+    all_rows:
+        Every row of the CSV, with its split filled in.
+    rows:
+        The rows of ``split``.
+    derived_split:
+        True when the CSV gives no split and this dataset derived one.
 
     Raises
     ------
     ManifestError
         Listing every problem at once.
+    ValueError
+        Bad ``classes``, ``split`` or ``val_fraction``.
     """
 
     def __init__(
@@ -128,34 +233,42 @@ class SlideDataset:
         tissue: TissueOptions | None = None,
         rot90: bool = True,
         stain_normalize: bool = False,
+        val_fraction: float = 0.25,
+        seed: int = 0,
         validate: bool = True,
     ) -> None:
         self.csv_path = os.fspath(csv_path)
         self.classes = [str(c) for c in classes]
         if len(self.classes) < 1 or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes must be distinct names, got {list(classes)!r}")
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)} or None, got {split!r}")
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         self.grid = (int(grid[0]), int(grid[1]))
         self.multiple, self.mpp, self.level = int(multiple), mpp, level
         self.split, self.strict = split, bool(strict)
-        self.root = Path(root) if root is not None else Path(self.csv_path).resolve().parent
+        self.val_fraction, self.seed = float(val_fraction), int(seed)
+        self.root = Path(os.path.abspath(root)) if root is not None else Path(self.csv_path).resolve().parent
         self.record_dir = Path(record_dir) if record_dir is not None else None
         self._plan_kw: dict[str, Any] = {"tissue": tissue, "rot90": rot90, "stain_normalize": stain_normalize}
         self._plans: dict[int, RegionPlan] = {}
         self._lock = threading.Lock()
         self.skipped: dict[str, str] = {}
+        self.derived_split = False
         self.all_rows, self._parse_problems = self._parse()
         self.rows = [r for r in self.all_rows if split is None or r.split == split]
         if validate:
             self.validate()
         elif self._parse_problems:
-            raise ManifestError(self.csv_path, self._parse_problems)
+            raise ManifestError(self.csv_path, [p for _, p in sorted(self._parse_problems, key=lambda lp: lp[0])])
 
     # -- manifest -----------------------------------------------------------------
-    def _parse(self) -> tuple[list[ManifestRow], list[str]]:
+    def _parse(self) -> tuple[list[ManifestRow], list[tuple[int, str]]]:
         if not os.path.isfile(self.csv_path):
             raise ManifestError(self.csv_path, ["manifest file not found"])
-        rows: list[ManifestRow] = []
-        problems: list[str] = []
+        pend: list[dict[str, Any]] = []
+        problems: list[tuple[int, str]] = []
         with open(self.csv_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             cols = [c.strip() for c in (reader.fieldnames or [])]
@@ -165,28 +278,107 @@ class SlideDataset:
             for raw in reader:
                 rec = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
                 line = reader.line_num
-                sid = rec.get("slide", "")
-                where = f"line {line}: slide {sid!r}"
-                if not sid:
-                    problems.append(f"line {line}: empty 'slide' entry")
+                entry = rec.get("slide", "")
+                if not entry:
+                    problems.append((line, f"line {line}: empty 'slide' entry"))
                     continue
-                path = self._resolve(sid)
+                path = self._resolve(entry)
+                where = f"line {line}: slide {entry!r} ({path})"
                 label = self._label(rec.get("label", ""))
                 if label is None:
-                    problems.append(
-                        f"{where} ({path}): label {rec.get('label', '')!r} is not one of {self.classes}"
-                    )
+                    problems.append((line, f"{where}: label {rec.get('label', '')!r} is not one of {self.classes}"))
                     label = -1
-                extra = {k: v for k, v in rec.items() if k not in ("slide", "label", "split", "mask")}
+                split = rec.get("split", "").lower() or None
+                if split is not None and split not in SPLITS:
+                    problems.append((line, f"{where}: split {rec['split']!r} is not one of {list(SPLITS)}"))
+                mpp, level = _parse_mpp(rec.get("mpp", "")), _parse_level(rec.get("level", ""))
+                if isinstance(mpp, str):
+                    problems.append((line, f"{where}: {mpp}"))
+                    mpp = None
+                if isinstance(level, str):
+                    problems.append((line, f"{where}: {level}"))
+                    level = None
                 mask = rec.get("mask") or None
-                rows.append(ManifestRow(
-                    line=line, slide_id=_slide_id(sid), path=path,
-                    label=label, split=rec.get("split") or None,
-                    mask=os.fspath(self.root / mask) if mask else None, extra=extra,
-                ))
-        if not rows and not problems:
-            problems.append("line 1: no slides listed")
+                pend.append({
+                    "line": line, "entry": entry, "path": path, "label": label, "split": split,
+                    "patient": rec.get("patient") or None, "mpp": mpp, "level": level,
+                    "mask": os.fspath(self.root / mask) if mask else None, "explicit": rec.get("slide_id") or None,
+                    "extra": {k: v for k, v in rec.items() if k not in COLUMNS},
+                })
+        if not pend and not problems:
+            problems.append((1, "line 1: no slides listed"))
+        problems += self._keys(pend)
+        problems += self._splits(pend)
+        rows = [ManifestRow(line=p["line"], slide_id=p["key"], path=p["path"], label=p["label"],
+                            split=p["split"] if p["split"] in SPLITS else None, patient=p["patient"],
+                            mpp=p["mpp"], level=p["level"], mask=p["mask"], extra=p["extra"]) for p in pend]
         return rows, problems
+
+    def _keys(self, pend: list[dict[str, Any]]) -> list[tuple[int, str]]:
+        """Give every pending row its key; report files listed twice and keys used twice."""
+        for p in pend:
+            p["real"] = os.path.realpath(p["path"])
+            p["full"], p["short"] = self._entry_key(p["entry"])
+        explicit = {p["explicit"] for p in pend if p["explicit"]}
+        files_per_short: dict[str, set[str]] = defaultdict(set)
+        for p in pend:
+            if not p["explicit"]:
+                files_per_short[p["short"]].add(p["real"])
+        for p in pend:
+            short_ok = len(files_per_short[p["short"]]) == 1 and p["short"] not in explicit
+            p["key"] = p["explicit"] or (p["short"] if short_ok else p["full"])
+        problems: list[tuple[int, str]] = []
+        first_file: dict[str, dict[str, Any]] = {}
+        first_key: dict[str, dict[str, Any]] = {}
+        for p in pend:
+            where = f"line {p['line']}: slide {p['entry']!r} ({p['path']})"
+            f, k = first_file.setdefault(p["real"], p), first_key.setdefault(p["key"], p)
+            if f is not p:
+                problems.append((p["line"], f"{where}: the same file as line {f['line']} ({f['entry']!r}); "
+                                            f"list each slide once"))
+            elif k is not p:
+                problems.append((p["line"], f"{where}: slide key {p['key']!r} is also line {k['line']}'s "
+                                            f"({k['path']}); give the rows distinct slide_id values"))
+        return problems
+
+    def _entry_key(self, entry: str) -> tuple[str, str]:
+        """``(full, short)`` keys of a ``slide`` entry: as written (relative to ``root`` when it is an
+        absolute path under it), and that without a known slide extension."""
+        p = Path(os.path.normpath(entry))
+        if p.is_absolute():
+            try:
+                p = p.relative_to(self.root)
+            except ValueError:
+                pass
+        full = p.as_posix()
+        short = full[: -len(p.suffix)] if p.suffix.lower() in SLIDE_EXTENSIONS and p.stem else full
+        return full, short
+
+    def _splits(self, pend: list[dict[str, Any]]) -> list[tuple[int, str]]:
+        """Fill in derived splits, or check given ones (every row has one; no patient in two)."""
+        problems: list[tuple[int, str]] = []
+        if not any(p["split"] for p in pend):
+            self.derived_split = True
+            groups = [f"patient {p['patient']}" if p["patient"] else f"row {p['line']}" for p in pend]
+            derived = derive_split([p["label"] for p in pend], groups, self.val_fraction, self.seed)
+            for p, s in zip(pend, derived):
+                p["split"] = s
+            return problems
+        by_patient: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for p in pend:
+            if not p["split"]:
+                problems.append((p["line"], f"line {p['line']}: slide {p['entry']!r} ({p['path']}): empty split "
+                                            f"while other rows have one; give it one of {list(SPLITS)}, or leave "
+                                            f"the split empty on every row to have it derived"))
+            elif p["patient"] and p["split"] in SPLITS:
+                by_patient[p["patient"]][p["split"]].append(p["line"])
+        for patient, sides in by_patient.items():
+            if len(sides) > 1:
+                first = min(min(v) for v in sides.values())
+                where = ", ".join(f"{s} ({_lines(sides[s])})" for s in SPLITS if s in sides)
+                problems.append((first, f"line {first}: patient {patient!r} is in more than one split: {where}; "
+                                        f"all of a patient's slides must be in one split"))
+        return problems
 
     def _resolve(self, sid: str) -> str:
         p = Path(sid)
@@ -208,17 +400,67 @@ class SlideDataset:
             return None
         return i if 0 <= i < len(self.classes) else None
 
+    def _choose(self, r: ManifestRow, slide: Slide) -> tuple[LevelChoice, dict[str, Any]]:
+        """Row ``r``'s level choice, and the ``mpp``/``level`` that make :func:`plan_region` plan it.
+
+        Raises
+        ------
+        SlideResolutionError
+            The resolution cannot be decided; the message names the fixes.
+        """
+        meta = slide.mpp
+        trusted = meta if meta is not None and _plausible(meta) else None
+        if r.level is not None:
+            base, mpp, level, source = r.mpp or trusted, None, r.level, "the level column"
+        elif r.mpp is not None:
+            base, mpp, level = r.mpp, self.mpp, (self.level if self.mpp is None else None)
+            source = f"the mpp column's {r.mpp:g}" + ("" if self.mpp is None else f" with mpp={self.mpp}")
+        elif trusted is not None:
+            base, mpp, level = trusted, self.mpp, (self.level if self.mpp is None else None)
+            source = "the slide's mpp" if self.mpp is not None else "data.level"
+        elif self.mpp is None or self.level is not None:
+            base, mpp, level, source = None, None, self.level, "data.level"
+        else:
+            raise SlideResolutionError(slide.path, self._no_mpp(slide, meta))
+        try:
+            choice = select_level(_WithMpp(slide, base), mpp=mpp, level=level)
+        except SlideResolutionError as exc:
+            raise SlideResolutionError(slide.path, f"{_strip_path(exc)} (from {source})") from exc
+        # plan_region runs select_level on the slide itself, with its metadata mpp; until it takes
+        # the slide's mpp as a parameter (base_mpp=), ask it for the choice made here: a level read
+        # as is by level=, a resampled one by the target mpp in the metadata's terms.
+        if choice.downsample == choice.level_downsample:
+            return choice, {"mpp": None, "level": choice.level}
+        if meta is not None:
+            return choice, {"mpp": choice.downsample * meta, "level": None}
+        raise SlideResolutionError(
+            slide.path,
+            f"reading it at mpp={self.mpp} from the mpp column's {base:g} um per pixel means resampling "
+            f"(downsample {choice.downsample:.4g}, no level matches), which is not supported yet for a slide "
+            f"without mpp metadata; give a level column instead",
+        )
+
+    def _no_mpp(self, slide: Slide, meta: float | None) -> str:
+        fixes = ("add the slide's level-0 microns per pixel in an mpp column, or the level to read it at in a "
+                 "level column (or set data.level for every slide without a usable mpp)")
+        if meta is None:
+            return f"the slide has no mpp (openslide.mpp-x), so mpp={self.mpp} cannot choose its level: {fixes}"
+        lo, hi = MPP_PLAUSIBLE
+        return (f"the slide's mpp {meta:.4g} um per pixel{_mpp_origin(slide)} is implausible for a microscope "
+                f"(expected {lo:g} to {hi:g}) and is not trusted: {fixes}")
+
     def validate(self) -> None:
         """Open every slide of the whole manifest and check it against the grid and resolution.
 
         Raises
         ------
         ManifestError
-            Listing every problem: missing files, unreadable slides, undecidable
-            resolution, slides smaller than ``grid * multiple`` (and any rows of the
-            requested split being absent).
+            Listing every problem, sorted by CSV line: the CSV's own (labels, splits, keys,
+            duplicates, leaking patients, ``mpp``/``level`` values), missing files, unreadable
+            slides, undecidable resolution, slides smaller than ``grid * multiple``, and an
+            empty ``train`` split when ``split='train'``.
         """
-        problems: list[tuple[int, str]] = [(_line_of(p), p) for p in self._parse_problems]
+        problems: list[tuple[int, str]] = list(self._parse_problems)
         rows, cols = self.grid
         for r in self.all_rows:
             where = f"line {r.line}: slide {r.slide_id!r} ({r.path})"
@@ -227,7 +469,9 @@ class SlideDataset:
                 continue
             try:
                 with Slide(r.path) as s:
-                    ch = select_level(s, mpp=self.mpp, level=self.level)
+                    ch, _ = self._choose(r, s)
+                    # Slide.verify(ch.level) (tile offsets against the file size, one tile decoded)
+                    # belongs here once halo.data.slide has it.
                     w0, h0 = s.dimensions
                     wt, ht = int(w0 / ch.downsample + 1e-9), int(h0 / ch.downsample + 1e-9)
                     if ht < rows * self.multiple or wt < cols * self.multiple:
@@ -238,8 +482,9 @@ class SlideDataset:
                         ))
             except SlideError as exc:
                 problems.append((r.line, f"{where}: {_reason(exc)}"))
-        if self.split is not None and not self.rows:
-            problems.append((1 << 30, f"no rows with split={self.split!r}"))
+        if self.split == "train" and not self.rows:
+            problems.append((1 << 30, "no rows with split='train'"
+                                      + (" (derived)" if self.derived_split else "")))
         if problems:
             problems.sort(key=lambda lp: lp[0])  # stable: by CSV line, then check order
             raise ManifestError(self.csv_path, [p for _, p in problems])
@@ -264,14 +509,26 @@ class SlideDataset:
         return self.class_weights()[self.labels]
 
     def plan(self, i: int) -> RegionPlan:
-        """The region plan of row ``i`` (computed once, then cached)."""
+        """The region plan of row ``i`` at the row's own resolution (computed once, then cached).
+
+        Raises
+        ------
+        SlideError
+            The slide cannot be opened, read or planned (the message names the file).
+        """
         with self._lock:
             cached = self._plans.get(i)
         if cached is not None:
             return cached
         r = self.rows[i]
-        p = plan_region(r.path, grid=self.grid, multiple=self.multiple, mpp=self.mpp, level=self.level,
-                        **self._plan_kw)
+        slide = open_cached(r.path)
+        choice, kw = self._choose(r, slide)
+        p = plan_region(r.path, grid=self.grid, multiple=self.multiple, **kw, **self._plan_kw)
+        if p.level != choice.level or not math.isclose(p.downsample, choice.downsample, rel_tol=1e-9):
+            raise SlideResolutionError(r.path, f"planned level {p.level}, downsample {p.downsample:g}, not the "
+                                               f"chosen level {choice.level}, downsample {choice.downsample:g}")
+        if p.mpp != choice.mpp:  # plan_region's mpp comes from the metadata, not the row's override
+            p = dataclasses.replace(p, mpp=choice.mpp)
         with self._lock:
             self._plans[i] = p
         return p
@@ -349,16 +606,118 @@ class SlideDataset:
                 f"grid={self.grid}, split={self.split!r})")
 
 
-def _line_of(problem: str) -> int:
-    """The CSV line a problem message starts with (``line N: ...``), else 0."""
-    head = problem.split(":", 1)[0]
-    return int(head[5:]) if head.startswith("line ") and head[5:].isdigit() else 0
+def derive_split(labels: Sequence[int], groups: Sequence[str], val_fraction: float, seed: int) -> list[str]:
+    """``train``/``val`` for each row: groups kept whole, stratified by label (rules: module docstring).
+
+    Parameters
+    ----------
+    labels:
+        Label index of each row.
+    groups:
+        Group (patient) of each row; rows of one group land on one side.
+    val_fraction:
+        Fraction of each class's groups in ``val``.
+    seed:
+        Seed of the draw.
+
+    Returns
+    -------
+    list of str
+        One split per row; a pure function of its arguments.
+    """
+    from sklearn.model_selection import train_test_split
+
+    members: dict[str, list[int]] = {}
+    for g, lab in zip(groups, labels):
+        members.setdefault(g, []).append(int(lab))
+    group_class = {g: min(Counter(labs).items(), key=lambda kv: (-kv[1], kv[0]))[0] for g, labs in members.items()}
+    rs = np.random.RandomState(int(seed))
+    val: set[str] = set()
+    for c in sorted(set(group_class.values())):
+        gs = [g for g in members if group_class[g] == c]  # first-appearance order
+        n = len(gs)
+        k = 0 if val_fraction <= 0 or n < 2 else min(n - 1, max(1, int(math.floor(val_fraction * n + 0.5))))
+        if k:
+            val.update(train_test_split(gs, test_size=k, random_state=rs)[1])
+    return ["val" if g in val else "train" for g in groups]
 
 
-def _slide_id(entry: str) -> str:
-    """The id of a ``slide`` entry: its file name without a known slide extension."""
-    p = Path(entry)
-    return p.stem if p.suffix.lower() in SLIDE_EXTENSIONS else p.name
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def slide_file_name(slide_id: str) -> str:
+    """A file name (without extension) for a slide key, distinct for distinct keys.
+
+    A key that is already a plain name (letters, digits, ``._-``) is kept; any other gets its
+    other characters (``/`` included) replaced by ``_`` and 8 hex digits of its SHA-1 appended,
+    e.g. ``siteA/slide_001`` -> ``siteA_slide_001-<hash>``.
+    """
+    name = _UNSAFE.sub("_", slide_id).strip("._")[:120] or "slide"
+    if name == slide_id:
+        return name
+    return f"{name}-{hashlib.sha1(slide_id.encode('utf-8')).hexdigest()[:8]}"
+
+
+class _WithMpp:
+    """A slide whose level-0 mpp reads as ``mpp`` (for :func:`select_level`); all else delegated."""
+
+    def __init__(self, slide: Slide, mpp: float | None) -> None:
+        self._slide, self.mpp = slide, mpp
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._slide, name)
+
+
+def _plausible(mpp: float) -> bool:
+    return MPP_PLAUSIBLE[0] <= mpp <= MPP_PLAUSIBLE[1]
+
+
+def _mpp_origin(slide: Slide) -> str:
+    """Where OpenSlide's mpp came from, when it was derived from a TIFF resolution tag."""
+    props = slide.properties
+    res, unit = props.get("tiff.XResolution"), props.get("tiff.ResolutionUnit")
+    if res is None or "aperio.MPP" in props:
+        return ""
+    try:
+        per_inch = float(res) * {"centimeter": 2.54, "inch": 1.0}[str(unit).lower()]
+    except (KeyError, ValueError):
+        return f" (from tiff.XResolution {res})"
+    return (f" (OpenSlide's {props.get('openslide.vendor', '?')} reader derives it from tiff.XResolution "
+            f"{float(res):.4g} per {unit}: {per_inch:.4g} dpi, a print resolution, not a scanner's)")
+
+
+def _parse_mpp(text: str) -> float | None | str:
+    """The ``mpp`` column: a float, None when empty, or a problem message."""
+    if not text:
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    lo, hi = MPP_PLAUSIBLE
+    if not math.isfinite(v) or not lo <= v <= hi:
+        return f"mpp column {text!r} is not a plausible level-0 microns per pixel (expected {lo:g} to {hi:g})"
+    return v
+
+
+def _parse_level(text: str) -> int | None | str:
+    """The ``level`` column: an int >= 0, None when empty, or a problem message."""
+    if not text:
+        return None
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    return v if v >= 0 else f"level column {text!r} is not a pyramid level (an integer >= 0)"
+
+
+def _lines(lines: list[int]) -> str:
+    return ("line " if len(lines) == 1 else "lines ") + ", ".join(str(n) for n in sorted(lines))
+
+
+def _strip_path(exc: SlideError) -> str:
+    msg = str(exc)
+    return msg[len(exc.path) + 2:] if msg.startswith(f"{exc.path}: ") else msg
 
 
 def _reason(exc: BaseException) -> str:

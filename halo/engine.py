@@ -166,9 +166,14 @@ class Engine:
         problem = None
         if self.is_main and validate:
             try:
-                SlideDataset(csv, **kwargs, validate=True)
+                checked = SlideDataset(csv, **kwargs, validate=True)
             except (ManifestError, ValueError, FileNotFoundError) as e:
                 problem = f"{type(e).__name__}: {e}"
+            else:
+                mixed = checked.resolution_warnings()
+                if mixed:
+                    log.warning("%s: %d slide(s) at another resolution than the cohort:\n%s", csv, len(mixed),
+                                "\n".join(f"  - {m}" for m in mixed))
         problem = _broadcast(problem)
         if problem:  # every rank raises it; the launcher's guard prints it once
             raise InputError(f"halo-train: nothing was trained, the manifest has problems:\n{problem}")

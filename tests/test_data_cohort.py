@@ -184,6 +184,11 @@ def test_mixed_cohort_each_slide_at_its_own_level(tmp_path: Path) -> None:
     for i in range(len(ds)):
         blk = hd.read_block(ds[i].plan, 0, 0)
         assert blk.shape == (*ds[i].plan.block_shape(), 3)
+    # read at another resolution than the rest: named once each, before training
+    mixed = ds.resolution_warnings()
+    assert len(mixed) == 2, mixed
+    assert mixed[0].startswith("line 3: slide 'nompp'") and "no known mpp" in mixed[0], mixed
+    assert mixed[1].startswith("line 5: slide 'col_level'") and "0.5 um per pixel" in mixed[1] and "2x" in mixed[1]
 
 
 def test_slide_without_mpp_and_no_override_names_the_fixes(tmp_path: Path) -> None:

@@ -253,6 +253,7 @@ class SlideDataset:
         self.record_dir = Path(record_dir) if record_dir is not None else None
         self._plan_kw: dict[str, Any] = {"tissue": tissue, "rot90": rot90, "stain_normalize": stain_normalize}
         self._plans: dict[int, RegionPlan] = {}
+        self.choices: dict[int, LevelChoice] = {}  # CSV line -> resolution chosen, filled by validate()
         self._lock = threading.Lock()
         self.skipped: dict[str, str] = {}
         self.derived_split = False
@@ -470,6 +471,7 @@ class SlideDataset:
             try:
                 with Slide(r.path) as s:
                     ch, _ = self._choose(r, s)
+                    self.choices[r.line] = ch
                     # Slide.verify(ch.level) (tile offsets against the file size, one tile decoded)
                     # belongs here once halo.data.slide has it.
                     w0, h0 = s.dimensions
@@ -488,6 +490,31 @@ class SlideDataset:
         if problems:
             problems.sort(key=lambda lp: lp[0])  # stable: by CSV line, then check order
             raise ManifestError(self.csv_path, [p for _, p in problems])
+
+    def resolution_warnings(self, tolerance: float = 0.1) -> list[str]:
+        """Slides that :meth:`validate` found read at a resolution unlike the rest of the cohort.
+
+        A slide whose training mpp differs from the cohort's median by more than ``tolerance``
+        (relative), and a slide of unknown mpp (read at ``data.level`` or a ``level`` column)
+        beside slides of known mpp, each give one line naming the CSV line, the file and both
+        resolutions. Empty when :meth:`validate` has not run.
+        """
+        rows = {r.line: r for r in self.all_rows}
+        known = {line: ch.mpp for line, ch in self.choices.items() if ch.mpp is not None}
+        if not known:
+            return []
+        median = float(np.median(list(known.values())))
+        out = []
+        for line, ch in sorted(self.choices.items()):
+            r = rows[line]
+            if ch.mpp is None:
+                out.append(f"line {line}: slide {r.slide_id!r} ({r.path}) is read at level {ch.level} with no "
+                           f"known mpp, beside slides at a median {median:.3g} um per pixel: add its mpp column")
+            elif abs(ch.mpp - median) > tolerance * median:
+                out.append(f"line {line}: slide {r.slide_id!r} ({r.path}) is read at {ch.mpp:.3g} um per pixel "
+                           f"(level {ch.level}), {max(ch.mpp, median) / min(ch.mpp, median):.2g}x apart from "
+                           f"the cohort's median {median:.3g}")
+        return out
 
     # -- items --------------------------------------------------------------------
     def __len__(self) -> int:

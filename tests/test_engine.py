@@ -174,3 +174,45 @@ def test_a_csv_without_split_trains_on_a_patient_level_split(pool1, tmp_path: Pa
     val = sorted(r["slide"] for r in _rows(run_dir / "predictions.csv"))
     assert val == sorted(r["key"] for r in records if r["split"] == "val") and len(val) == 4, val
     assert out["summary"]["val_auc"] is not None
+
+
+def _refused(csv_path: str, run_dir: str, extra: list[str]) -> str:
+    from halo.errors import InputError
+
+    try:
+        _run(csv_path, run_dir, extra)
+    except InputError as exc:
+        return str(exc)
+    raise AssertionError("training into a directory with checkpoints was not refused")
+
+
+@pytest.mark.timeout(300)
+def test_training_into_a_used_directory_needs_resume_or_overwrite(pool1, tmp_path: Path) -> None:
+    cohort = _write_cohort(tmp_path, {"a": "train", "b": "train", "c": "val", "d": "val"})
+    run_dir = tmp_path / "run"
+    pool1.run(_run, str(cohort), str(run_dir), [])
+    stale = run_dir / "heatmaps" / "stale.png"
+    stale.write_bytes(b"from an earlier run")
+    message = pool1.run(_refused, str(cohort), str(run_dir), [])[0]
+    assert str(run_dir) in message and "best.pt" in message and "train.overwrite=true" in message
+    assert stale.is_file()
+    pool1.run(_run, str(cohort), str(run_dir), ["train.overwrite=true"])
+    assert not stale.exists() and (run_dir / "checkpoints" / "best.pt").is_file()
+
+
+def test_checkpoint_rng_state_round_trips_every_generator(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    from halo.checkpoint import FORMAT, load_checkpoint, save_atomic
+    from halo.engine import _rng_state, _set_rng_state
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    save_atomic({"format": FORMAT, "rng": [_rng_state()]}, tmp_path / "c.pt")
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    _set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"][0])  # loads with weights_only=True
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]

@@ -41,6 +41,12 @@ def _train(args: list[str], timeout: float = 240, **kw) -> subprocess.CompletedP
                           text=True, timeout=timeout, **kw)
 
 
+def _files(root: Path, skip: str | None = None) -> dict[str, bytes]:
+    """Every file under ``root`` (but ``skip/``) and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and (skip is None or p.relative_to(root).parts[0] != skip)}
+
+
 def _losses(run_dir: Path) -> list[float]:
     with open(run_dir / "metrics.csv") as fh:
         return [float(r["train_loss"]) for r in csv.DictReader(fh)]
@@ -113,14 +119,24 @@ def test_two_rank_run_resume_and_predict(cohort: Path, tmp_path: Path) -> None:
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert _losses(part) == _losses(full)
 
-    # predict with the best checkpoint writes probabilities and heatmaps, trains nothing
-    pred = tmp_path / "pred"
-    out = _train(_overrides(cohort, pred, "mode=predict", f"checkpoint={full / 'checkpoints/best.pt'}"))
+    # predict with the best checkpoint, into the training run's own directory: probabilities and
+    # heatmaps in predict/<id>/, nothing trained, and every file of the training run byte-identical
+    before = _files(full)
+    out = _train(_overrides(cohort, full, "mode=predict", f"checkpoint={full / 'checkpoints/best.pt'}"))
     assert out.returncode == 0, out.stderr[-3000:]
+    assert _files(full, skip="predict") == before
+    (pred,) = (full / "predict").iterdir()
     with open(pred / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 8 and all(0.0 <= float(r["prob_tumour"]) <= 1.0 for r in rows)
+    assert (pred / ".hydra" / "config.yaml").is_file() and list((pred / "heatmaps").glob("*.png"))
     assert not (pred / "checkpoints").exists()
+
+    # training again into it is refused (nothing changes) unless told to resume or overwrite
+    again = _train(_overrides(cohort, full))
+    assert again.returncode != 0 and "already holds a training run" in again.stderr, again.stderr[-3000:]
+    assert "train.resume=true" in again.stderr and "train.overwrite=true" in again.stderr
+    assert _files(full, skip="predict") == before
 
     # a checkpoint from another model is refused by name
     other = _train(_overrides(cohort, tmp_path / "other", "mode=predict", "head=mean",

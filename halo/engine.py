@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,54 @@ def _all_gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+_RUN_FILES = ("metrics.csv", "summary.json", "predictions.csv", "test_predictions.csv", "slides.csv",
+              "skipped_slides.csv")
+"""What a training run writes beside ``checkpoints/`` and ``heatmaps/`` (removed by ``train.overwrite``)."""
+
+
+def _folder_name(value: str) -> str:
+    """A run id usable as a folder name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in value) or "run"
+
+
+def _overrides() -> list[str]:
+    """The command line's overrides (Hydra's ``overrides.yaml``), or [] outside ``@hydra.main``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every random generator this process draws from: torch (CPU and CUDA), numpy, Python."""
+    import random
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any] | torch.Tensor) -> None:
+    """Restore :func:`_rng_state` (or a bare torch state, from checkpoints before it existed)."""
+    import random
+
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
 
 
 def group_steps(order: list[int], groups: int, group: int) -> list[tuple[int, float]]:
@@ -124,10 +173,7 @@ class Engine:
         self.group = self.mesh.coords[0]
         self.classes = list(cfg.data.classes)
         self._records: dict[str, dict[str, Any]] = {}  # slide key -> what this rank read (slides.csv)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / ".hydra").mkdir(exist_ok=True)
-            (self.run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        self.run_dir = self._claim(self.run_dir)
         torch.manual_seed(int(cfg.train.seed))  # the same initial weights on every rank
         self.model = build_classifier(
             cfg.model.name, int(cfg.model.num_classes), head=cfg.head.name,
@@ -140,6 +186,46 @@ class Engine:
         self.multiple = total_stride(self.model.trunk)
         self.model = halo.parallelize(self.model, self.mesh).to(self.device)
         halo.manual_seed(int(cfg.train.seed), self.mesh)  # dropout: same draws within an image group
+
+    # -- the run directory ------------------------------------------------------------
+    def _claim(self, run_dir: Path) -> Path:
+        """The directory this run writes to, checked on rank 0 and agreed by every rank.
+
+        ``mode=predict`` writes into ``predict/<run id>/`` of ``run_dir``, so a training run's files
+        stay as they are. ``mode=train`` into a directory that holds checkpoints is refused unless
+        ``train.resume=true`` (continue it) or ``train.overwrite=true`` (its results are removed).
+        Hydra writes nothing itself (``hydra.output_subdir: null``): ``.hydra/config.yaml`` and
+        ``.hydra/overrides.yaml`` are written here, once the directory is claimed.
+        """
+        from halo.train import run_id
+
+        problem, out = None, run_dir
+        if self.is_main:
+            t = self.cfg.train
+            old = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
+            if self.cfg.mode == "predict":
+                out = run_dir / "predict" / _folder_name(run_id())
+                if out.exists() and any(out.iterdir()):
+                    problem = f"halo-train: {out} already holds a prediction; choose another hydra.run.dir"
+            elif old and not t.resume and not t.get("overwrite", False):
+                problem = (f"halo-train: {run_dir} already holds a training run (checkpoints/{', '.join(old)}): "
+                           f"pass train.resume=true to continue it, train.overwrite=true to replace it, or "
+                           f"another hydra.run.dir")
+            elif old and not t.resume:
+                for name in ("checkpoints", "heatmaps", "predict"):
+                    shutil.rmtree(run_dir / name, ignore_errors=True)
+                for name in _RUN_FILES:
+                    (run_dir / name).unlink(missing_ok=True)
+                log.warning("train.overwrite=true: removed the earlier run's results in %s", run_dir)
+        problem, out = _broadcast((problem, str(out)))
+        if problem:
+            raise InputError(problem)
+        out = Path(out)
+        if self.is_main:
+            (out / ".hydra").mkdir(parents=True, exist_ok=True)
+            (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            (out / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(_overrides()))
+        return out
 
     # -- data -------------------------------------------------------------------------
     def _csv(self) -> str:
@@ -430,7 +516,7 @@ class Engine:
     # -- checkpoints ------------------------------------------------------------------
     def _save(self, paths: list[Path], opt, sched, state: dict) -> None:
         """Write one checkpoint to each of ``paths`` in order (on the main rank), then wait for all ranks."""
-        rng = _all_gather(torch.get_rng_state())
+        rng = _all_gather(_rng_state())
         if self.is_main:
             ckpt = {
                 "format": CKPT_FORMAT, "signature": self.signature, "model_state": self.model.state_dict(),
@@ -448,7 +534,11 @@ class Engine:
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         if len(ckpt["rng"]) == dist.get_world_size():
-            torch.set_rng_state(ckpt["rng"][self.rank])
+            _set_rng_state(ckpt["rng"][self.rank])
+        elif self.is_main:
+            log.warning("%s was written by %d ranks, this run has %d: random streams (dropout, and any "
+                        "augmentation drawn from torch) are re-seeded, not continued", path, len(ckpt["rng"]),
+                        dist.get_world_size())
         log.info("resumed from %s at epoch %d", path, ckpt["state"]["epoch"])
         return dict(ckpt["state"])
 

@@ -4,6 +4,8 @@ counts, on small cases."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +14,10 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import halo
+from data_fixtures import noise_slide_image, write_csv, write_slide
 from distributed import shared_mesh
-from halo.models import build_classifier
+from halo.data import SlideDataset
+from halo.models import build_classifier, total_stride
 from halo.plan import main, measure_checkpointed_bytes, measure_saved_bytes, plan, plan_model
 
 TOL = 0.10  # the issue's goal; on these cases the arithmetic is exact
@@ -196,3 +200,188 @@ def test_bad_arguments() -> None:
         plan("not_a_model", (64, 64))
     with pytest.raises(ValueError, match="mesh"):
         plan_model(_model("resnet18"), name="r", image=(64, 64), mesh=(1, 2), halo_layers=False)
+
+
+# -- halo-plan on what halo-train builds and reads ----------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "slides"
+
+
+def _run_main(capsys, *args: str) -> tuple[int, str]:
+    rc = main(list(args))
+    return rc, capsys.readouterr().out
+
+
+def _engine_dataset(csv_path: Path, model: str, head: str, grid: tuple[int, int], mpp: float | None,
+                    level: int | None = None) -> SlideDataset:
+    """The dataset halo-train reads for ``data=csv``: ``Engine._dataset``'s arguments, with the
+    multiple ``Engine`` takes from the model it builds."""
+    multiple = total_stride(build_classifier(model, 2, head=head).trunk)
+    return SlideDataset(csv_path, ["normal", "tumour"], grid=grid, multiple=multiple, mpp=mpp, level=level,
+                        split=None, strict=False, root=None, record_dir=None, validate=False)
+
+
+def _slide_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("  ")]
+
+
+def _padded(line: str) -> tuple[int, int]:
+    m = re.search(r"padded (\d+) x (\d+)", line)
+    assert m, line
+    return int(m[1]), int(m[2])
+
+
+def test_slide_plans_the_region_training_reads(tmp_path: Path, capsys) -> None:
+    """--slide prints the padded region (H x W) the training dataset plans for the same slide,
+    model and mesh: level, mpp, padded size and block."""
+    path = write_slide(tmp_path / "a.tif", noise_slide_image(900, 500, tissue=(120, 40, 610, 376)), mpp=0.5)
+    write_csv(tmp_path / "cohort.csv", [{"slide": "a.tif", "label": "normal"}])
+    rc, out = _run_main(capsys, "--model", "halo_tiny", "--slide", str(path), "--mesh", "2", "1", "--mpp", "1.0")
+    assert rc == 0, out
+    [line] = _slide_lines(out)
+    region = _engine_dataset(tmp_path / "cohort.csv", "halo_tiny", "max", (2, 1), 1.0).plan(0)
+    h, w = region.shape()
+    assert h != w  # the order is visible
+    other = SlideDataset(tmp_path / "cohort.csv", ["normal", "tumour"], grid=(2, 1), multiple=32, mpp=1.0,
+                         validate=False).plan(0)
+    assert other.shape() != (h, w)  # halo_tiny's stride 16 pads less than a ResNet's 32 would
+    assert _padded(line) == (h, w), (line, region.padded_size)
+    bh, bw = region.block_shape()
+    assert f"block {bh} x {bw}" in line and f"level {region.level} " in line and "1.000 mpp" in line, line
+    assert region.level == 1 and "H x W" in out
+
+
+def test_resnet50_region_is_the_smallest_multiple_on_a_2x2_grid(tmp_path: Path, capsys) -> None:
+    """ResNet-50 (stride 32) on 2 x 2: the padded region is the smallest multiple of
+    lcm(2, 2) * 32 = 64 that holds the region read, never a whole multiple more."""
+    path = write_slide(tmp_path / "b.tif", noise_slide_image(700, 300, tissue=(50, 20, 500, 200)), mpp=0.5, levels=1)
+    rc, out = _run_main(capsys, "--model", "resnet50", "--slide", str(path), "--mesh", "2", "2",
+                        "--tissue", "enabled=false", "--json")
+    assert rc == 0, out
+    [whole] = json.loads(out)["slides"]
+    assert whole["padded_hw"] == [320, 704] and whole["block_hw"] == [160, 352], whole  # 300 x 700 read
+    rc, out = _run_main(capsys, "--model", "resnet50", "--slide", str(path), "--mesh", "2", "2", "--json")
+    [tissue] = json.loads(out)["slides"]
+    for padded, content in zip(tissue["padded_hw"], tissue["tissue_hw"]):
+        assert padded % 64 == 0 and content <= padded < content + 64, tissue
+    assert tissue["tissue_hw"][1] > 500 and tissue["padded_hw"][0] < 320, tissue  # the tissue box, not the slide
+
+
+def test_csv_prints_each_slide_and_the_smallest_square_mesh(tmp_path: Path, capsys) -> None:
+    """--csv: one line per slide (paths relative to the CSV), then the smallest n x n mesh on which
+    the largest slide fits the budget: n fits, n - 1 does not."""
+    sub = tmp_path / "site"
+    sub.mkdir()
+    write_slide(sub / "small.tif", noise_slide_image(256, 256, tissue=(20, 20, 200, 180)), mpp=0.5)
+    write_slide(sub / "big.tif", noise_slide_image(960, 960, seed=1, tissue=(10, 10, 930, 930)), mpp=0.5)
+    csv_path = write_csv(tmp_path / "cohort.csv", [{"slide": "site/small.tif", "label": "normal"},
+                                                   {"slide": "site/big.tif", "label": "tumour"}])
+    peak = {}
+    for n in (1, 2, 3):
+        rc, out = _run_main(capsys, "--model", "halo_tiny", "--slide", str(sub / "big.tif"), "--mesh", str(n), str(n),
+                            "--json")
+        peak[n] = json.loads(out)["slides"][0]["total_bytes_per_rank"]
+    assert peak[1] > peak[2] > peak[3]
+    budget = (peak[2] + peak[3]) / 2 / 1e9  # 3 x 3 fits, 2 x 2 does not
+    rc, out = _run_main(capsys, "--model", "halo_tiny", "--csv", str(csv_path), "--gpu-memory", str(budget))
+    assert rc == 0, out
+    lines = _slide_lines(out)
+    assert [line.split()[0] for line in lines] == ["site/small", "site/big"], out
+    assert lines[0].endswith(" fits") and lines[1].endswith("does not fit"), lines
+    last = out.splitlines()[-1]
+    assert last.startswith("smallest square mesh for the largest slide (site/big") and ": 3 x 3," in last, last
+
+
+def test_a_slide_that_cannot_be_planned_is_named_and_fails(tmp_path: Path, capsys) -> None:
+    good = write_slide(tmp_path / "ok.tif", noise_slide_image(256, 256), mpp=0.5)
+    rc, out = _run_main(capsys, "--model", "halo_tiny", "--slide", str(good), str(tmp_path / "missing.tif"))
+    assert rc == 1
+    assert len(_slide_lines(out)) == 2 and "missing.tif  cannot plan: " in out, out
+
+
+def test_model_halo_tiny_plans_what_training_builds(capsys) -> None:
+    """--model halo_tiny plans halo-train's slide classifier (trunk and head): on one rank its
+    activation bytes are what autograd saves for that model."""
+    rc, out = _run_main(capsys, "--model", "halo_tiny", "--head", "attention", "--image", "192", "128", "--batch", "2",
+                        "--json")
+    assert rc == 0
+    got = json.loads(out)
+    assert got["padded_image"] == [192, 128] and got["block"] == [192, 128]
+    torch.manual_seed(0)
+    model = build_classifier("halo_tiny", 2, head="attention").train()
+    x = torch.randn(2, 3, 192, 128)
+    measured = measure_saved_bytes(lambda: model(x), list(model.parameters()) + list(model.buffers()))
+    assert abs(got["activation_bytes_per_rank"] - measured) <= 0.01 * measured, (got["activation_bytes_per_rank"], measured)
+    assert got["param_bytes"] == 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_image_is_height_then_width(capsys) -> None:
+    rc, out = _run_main(capsys, "--model", "resnet18", "--image", "64", "256", "--mesh", "2", "1", "--json")
+    got = json.loads(out)
+    assert got["image"] == [64, 256] and got["padded_image"] == [64, 256] and got["block"] == [32, 256], got
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--image HEIGHT WIDTH" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,head", [("resnet18", "topk"), ("efficientnet_b0", "attention"),
+                                       ("timm:efficientnet_b0", "max")])
+def test_slide_classifiers_plan_what_autograd_saves(name: str, head: str) -> None:
+    """Slide heads (their functional ops), squeeze-excitation and timm's BatchNormAct2d are planned
+    from what autograd saves on the trace, scaled to the block: within 1 % on one process."""
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = build_classifier(name, 2, head=head).train()
+    x = torch.randn(2, 3, 256, 192)
+    measured = measure_saved_bytes(lambda: model(x), list(model.parameters()) + list(model.buffers()))
+    planned = plan_model(model, name=name, image=(256, 192), batch=2, halo_layers=False).activation_bytes_per_rank
+    assert abs(planned - measured) <= 0.01 * measured, (planned, measured)
+
+
+def _classifier_rank(name: str, head: str, rows: int, cols: int, h: int, w: int) -> int:
+    torch.manual_seed(0)
+    mesh = shared_mesh(rows, cols)
+    model = halo.parallelize(build_classifier(name, 2, head=head), mesh)
+    x = halo.scatter(torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(1)), mesh)
+    return measure_saved_bytes(lambda: model(x), list(model.parameters()) + list(model.buffers()))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name,head", [("halo_tiny", "attention"), ("timm:efficientnet_b0", "max")])
+def test_slide_classifier_on_a_2x2_mesh(pool4, name: str, head: str) -> None:
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    planned = plan_model(build_classifier(name, 2, head=head), name=name, image=(256, 256), mesh=(2, 2))
+    for rank, saved in enumerate(pool4.run(_classifier_rank, name, head, 2, 2, 256, 256)):
+        assert abs(planned.activation_bytes_per_rank - saved) <= 0.01 * saved, (rank, planned.activation_bytes_per_rank, saved)
+
+
+def test_a_layer_the_planner_cannot_plan_is_refused_by_name(capsys) -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.ReLU())
+    with pytest.raises(halo.HaloNotSupportedError, match=r"cannot plan 1 \(torch.nn.modules.normalization.GroupNorm\)"):
+        plan_model(model, name="gn", image=(64, 64))
+    rc = main(["--model", "convnext_tiny", "--image", "64", "64"])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(r"cannot plan trunk\.[\d.]+ \(torchvision\.models\.convnext\.LayerNorm2d\)", err), err
+
+
+@pytest.mark.skipif(not (FIXTURES / "cmu-1-small-region.svs").is_file(),
+                    reason=f"real slide fixture {FIXTURES / 'cmu-1-small-region.svs'} is absent")
+def test_real_aperio_slide(tmp_path: Path, capsys) -> None:
+    """CMU-1's small region (a real Aperio SVS, 2220 x 2967, 0.499 mpp): planned as training reads it."""
+    path = FIXTURES / "cmu-1-small-region.svs"
+    rc, out = _run_main(capsys, "--model", "resnet50", "--slide", str(path), "--mesh", "2", "2", "--mpp", "0.5",
+                        "--json")
+    assert rc == 0, out
+    got = json.loads(out)
+    [s] = got["slides"]
+    write_csv(tmp_path / "cohort.csv", [{"slide": str(path), "label": "normal"}])
+    region = _engine_dataset(tmp_path / "cohort.csv", "resnet50", "max", (2, 2), 0.5).plan(0)
+    assert s["padded_hw"] == list(region.shape()) and s["level"] == region.level == 0, (s, region)
+    assert s["mpp"] == pytest.approx(0.499, abs=1e-3)
+    for padded, content in zip(s["padded_hw"], s["tissue_hw"]):
+        assert padded % 64 == 0 and content <= padded < content + 64, s
+    assert s["padded_hw"][0] > s["padded_hw"][1]  # portrait: 2967 rows, 2220 columns
+    assert got["smallest_square_mesh"]["n"] == 1 and got["smallest_square_mesh"]["slide"] == str(path)

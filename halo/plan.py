@@ -1,44 +1,60 @@
 """halo-plan: activation memory, halo traffic and FLOPs per rank, before buying GPUs.
 
-The model is run once on a tiny image (64 x 64 by default, no gradients) with forward
-hooks on its leaf modules, which records every layer's tensors and window geometry.
-Everything else is arithmetic: each traced shape ``(1, C, a, b)`` becomes
-``(N, C, a h / 64, b w / 64)`` for a local block of ``h x w``, so a 100,000 x 100,000
-slide is never allocated.
+The model is run in training mode on a small image (64 x 64, or four output strides of a
+slide classifier's trunk) with hooks on every module and on autograd's saved tensors, which
+records every layer's tensors and window geometry; then once more on a 2x-by-3x image, which
+says how each saved tensor's dims grow with the height, the width or the area (weights and
+running statistics are left as they were). Everything else is arithmetic: each traced shape
+``(1, C, a, b)`` becomes ``(N, C, a h / T, b w / T)`` for a local block of ``h x w``, so a
+100,000 x 100,000 slide is never allocated.
 
 Saved bytes follow what autograd really keeps (checked against
-``torch.autograd.graph.saved_tensors_hooks`` in the tests): a convolution saves its input
-block and, in halo, the thin halo strips; max pooling int64 indices (in halo also those of
-its border bands; plain torch also keeps the input); batch norm saves its input; ReLU its
-output; average pooling the halo-extended input; global pooling nothing. A tensor saved by
-two layers (a ReLU's output feeding a convolution) is counted once, and
-parameters and buffers are not activations. Functional ops inside a model's ``forward``
-(residual additions) save nothing and are not seen. Parameters, gradients and the two
-AdamW states are float32 (autocast keeps master weights in float32); activations use
-``--dtype``.
+``torch.autograd.graph.saved_tensors_hooks`` in the tests). The layers halo changes are
+modelled: a convolution saves its input block and, in halo, the thin halo strips; max
+pooling int64 indices (in halo also those of its border bands; plain torch also keeps the
+input); batch norm (and timm's ``BatchNormAct2d``) saves its input; ReLU its output; average
+pooling the halo-extended input; global pooling nothing. Point-wise layers (activations,
+``Linear``, dropout, stochastic depth) and the functional ops in a container's own ``forward``
+(squeeze-excitation's product, a slide head's attention, residual additions, which save
+nothing) are measured: what autograd saved on the trace, scaled to the block. Any other
+layer (group or layer norm, SAME-padded or weight-standardised convolutions) is refused with
+its module path and type. A tensor saved by two layers (a ReLU's output feeding a
+convolution) is counted once, and parameters and buffers are not activations. Parameters,
+gradients and the two AdamW states are float32 (autocast keeps master weights in float32);
+activations use ``--dtype``.
 
 Halo bytes are the two-phase volume: rows first (``top + bottom`` rows of the block
 width), then columns of the row-extended block, sent once forward and once backward (the
 adjoint), except for a first layer whose input needs no gradient. Per-rank figures are
 means over the ranks of the mesh: ranks at the image edges send less.
+
+The command line plans what ``halo-train`` builds (``halo.models.build_classifier``) on an
+image of ``--image HEIGHT WIDTH`` pixels, or on the padded region training reads from each
+slide (``--slide``, ``--csv``: planned by ``halo.data.SlideDataset`` itself). Sizes are
+``(height, width)`` throughout and printed ``H x W``; ``halo.data``'s sizes are
+``(width, height)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from halo.errors import HaloNotSupportedError, HaloShapeError
 from halo.exchange import HaloSpec
 from halo.geometry import padded_size
 from halo.nn._window import border_bands, native_padding, pair, split_local, window_spec
 
-__all__ = ["LayerPlan", "Plan", "plan", "plan_model", "measure_saved_bytes", "measure_checkpointed_bytes",
-           "build_model", "main"]
+__all__ = ["LayerPlan", "Plan", "SlidePlan", "Trace", "plan", "plan_model", "plan_slide", "trace_model",
+           "measure_saved_bytes", "measure_checkpointed_bytes", "build_model", "main"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 TRACE_SIZE = 64
@@ -111,12 +127,36 @@ class Plan:
 
 
 @dataclass(slots=True)
+class _Saved:
+    """One tensor autograd saved while a module that the planner measures was running."""
+
+    key: int  # storage
+    shape: tuple[int, ...]  # at the trace size, batch 1
+    itemsize: int
+    floating: bool
+    grow: tuple[str, ...] = ()  # per dim: "1" fixed, "n" batch, "h", "w" or "hw" (scales with the block)
+
+
+@dataclass(slots=True)
 class _Traced:
     name: str
     module: nn.Module
     ins: tuple[int, tuple[int, ...]]  # (storage key, shape) of the first input
     out: tuple[int, tuple[int, ...]]
     segment: str | None
+    kind: str = "measured"  # a modelled kind (see _kind), or "measured"
+    saves: list[_Saved] = field(default_factory=list)
+    leaf: bool = True
+
+
+@dataclass(slots=True)
+class Trace:
+    """A model's layers in call order at ``size`` x ``size`` (see :func:`trace`): computed once,
+    reused by :func:`plan_model` for every image size and mesh."""
+
+    records: list[_Traced]
+    size: int
+    stride: int
 
 
 def _key(t: torch.Tensor) -> int:
@@ -138,32 +178,200 @@ def _stages(model: nn.Module) -> Sequence[nn.Module]:
 
 
 def _segments(model: nn.Module) -> dict[str, str]:
-    """Leaf path -> checkpoint segment (the stage holding it, as :func:`_stages` cuts them)."""
+    """Module path -> checkpoint segment (the stage holding it, as :func:`_stages` cuts them)."""
     stage_of = {id(m): f"stage{i}" for i, stage in enumerate(_stages(model)) for m in stage.modules()}
     return {name: stage_of[id(m)] for name, m in model.named_modules() if id(m) in stage_of}
 
 
-def trace(model: nn.Module, size: int = TRACE_SIZE, channels: int = 3) -> list[_Traced]:
-    """Leaf layers in call order with their input/output storages and shapes at ``size`` x ``size``."""
-    records: list[_Traced] = []
-    keep: list[torch.Tensor] = []  # hold every tensor so no storage address is reused
-    seg = _segments(model)
-    hooks = []
-    for name, mod in model.named_modules():
-        if len(mod._modules) == 0:
-            def hook(m, args, out, name=name):
-                x = args[0]
-                keep.extend([x, out])
-                records.append(_Traced(name, m, (_key(x), tuple(x.shape)), (_key(out), tuple(out.shape)), seg.get(name)))
-            hooks.append(mod.register_forward_hook(hook))
-    was = model.training
+@functools.cache
+def _modelled_types() -> dict[type[nn.Module], str]:
+    """Exact type -> kind of the layers whose saved tensors and halos the planner computes itself
+    (checked against autograd and the exchange in tests/test_plan.py)."""
+    kinds: dict[type[nn.Module], str] = {
+        nn.Conv2d: "conv", nn.MaxPool2d: "maxpool", nn.AvgPool2d: "avgpool",
+        nn.BatchNorm2d: "bn", nn.SyncBatchNorm: "bn",  # halo's twin saves the input and two statistics
+        nn.ReLU: "output", nn.Sigmoid: "output", nn.Tanh: "output",
+        nn.AdaptiveMaxPool2d: "amax", nn.Flatten: "nothing", nn.Identity: "nothing", nn.AdaptiveAvgPool2d: "nothing",
+    }
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, channels, size, size))
+        import timm.layers
+
+        kinds[timm.layers.BatchNormAct2d] = "bn"  # its batch norm; its drop and act children are their own layers
+    except ImportError:
+        pass
+    return kinds
+
+
+def _kind(m: nn.Module) -> str | None:
+    """How the planner plans ``m``: a modelled kind, ``"measured"`` (a point-wise layer, or the
+    functional ops of a container's own forward: autograd's saved tensors on the trace, scaled to
+    the block), or None (it cannot plan it)."""
+    from halo.parallelize import FAMILIES, LOCAL_MODULES
+
+    kind = _modelled_types().get(type(m))
+    if kind is not None:
+        return kind
+    if type(m) in LOCAL_MODULES or (isinstance(m, LOCAL_MODULES) and not isinstance(m, FAMILIES)):
+        return "measured"
+    if isinstance(m, FAMILIES):  # a window or normalisation layer the planner has no model of
+        return None
+    return "measured" if len(m._modules) else None
+
+
+def _check_plannable(model: nn.Module) -> None:
+    """Refuse, naming it, the first layer whose memory under halo the planner does not model."""
+    for name, m in model.named_modules():
+        if _kind(m) is None:
+            kind = type(m)
+            modelled = ", ".join(sorted({t.__name__ for t in _modelled_types()}))
+            raise HaloNotSupportedError(
+                f"halo-plan cannot plan {name or '(model)'} ({kind.__module__}.{kind.__qualname__}): what it saves "
+                f"for backward and the halos it exchanges under halo are not modelled; the planner models "
+                f"{modelled}, point-wise layers and the functional ops of containers (residual additions, "
+                f"squeeze-excitation, slide heads)"
+            )
+
+
+def _first_tensor(obj) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
+        return obj[0]
+    return None
+
+
+def _run_traced(model: nn.Module, height: int, width: int, channels: int) -> list[_Traced]:
+    """One training-mode forward of ``model`` on a ``height x width`` image, recording every
+    module call (leaves, modelled layers and containers whose own ops saved tensors) in the
+    order the calls end, with the tensors autograd saved while it was the innermost module."""
+    from halo.models import SlideClassifier
+
+    records: list[_Traced] = []
+    keep: list[object] = []  # hold every tensor so no storage address is reused
+    seg = _segments(model)
+    names = {id(m): name for name, m in model.named_modules()}
+    state = {_key(t) for t in itertools.chain(model.parameters(), model.buffers())}
+    stack: list[list[_Saved]] = [[]]
+
+    def pre(m, args):
+        stack.append([])
+
+    def post(m, args, out):
+        saves = stack.pop()
+        kind = _kind(m)
+        leaf = len(m._modules) == 0
+        if not (leaf or kind != "measured" or saves):
+            return
+        x, y = _first_tensor(args), _first_tensor(out)
+        keep.extend([args, out])
+        name = names.get(id(m), type(m).__name__)
+        ins = (_key(x), tuple(x.shape)) if x is not None else (0, ())
+        outs = (_key(y), tuple(y.shape)) if y is not None else (0, ())
+        records.append(_Traced(name, m, ins, outs, seg.get(name), kind or "measured", saves, leaf))
+
+    def pack(t: torch.Tensor):
+        k = _key(t)
+        if k not in state:
+            keep.append(t)
+            stack[-1].append(_Saved(k, tuple(t.shape), t.element_size(), t.is_floating_point() or t.is_complex()))
+        return t
+
+    hooks = []
+    for m in model.modules():
+        hooks.append(m.register_forward_pre_hook(pre))
+        hooks.append(m.register_forward_hook(post, always_call=True))
+    was = model.training
+    ckpt = [(m, m.checkpointing) for m in model.modules() if isinstance(m, SlideClassifier)]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        for m, _ in ckpt:  # recomputation's own saved-tensor hooks would hide each stage's tensors
+            m.checkpointing = False
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            x = torch.randn(1, channels, height, width, generator=torch.Generator().manual_seed(0))
+            keep.append(model.train()(x))
     finally:
         model.train(was)
+        for m, flag in ckpt:
+            m.checkpointing = flag
+        with torch.no_grad():
+            for b, value in buffers:  # batch-norm running statistics as they were
+                b.copy_(value)
         [h.remove() for h in hooks]
+    if stack != [[]]:  # a functional op of the model's own forward outside any module
+        records.append(_Traced("(model)", model, (0, ()), (0, ()), None, "measured", stack[0], False))
     return records
+
+
+def _grow(name: str, a: tuple[int, ...], b: tuple[int, ...], size: int) -> tuple[str, ...]:
+    """Per dim of a saved tensor, how it grows with the image, from its shapes on a ``size x size``
+    and a ``2 size x 3 size`` image (height doubles, width triples, area grows 6 times)."""
+    if len(a) != len(b):
+        raise HaloNotSupportedError(f"halo-plan cannot plan {name}: a tensor it saves has shape {a} on a {size} x "
+                                    f"{size} image but {b} on {2 * size} x {3 * size}")
+    grow = []
+    for i, (s, t) in enumerate(zip(a, b)):
+        if t == s:
+            grow.append("n" if i == 0 and s == 1 and len(a) >= 2 else "1")
+        elif t == 2 * s:
+            grow.append("h")
+        elif t == 3 * s:
+            grow.append("w")
+        elif t == 6 * s:
+            grow.append("hw")
+        else:
+            raise HaloNotSupportedError(
+                f"halo-plan cannot plan {name}: a tensor it saves for backward has shape {a} on a {size} x {size} "
+                f"image and {b} on {2 * size} x {3 * size}, not proportional to the image")
+    return tuple(grow)
+
+
+def trace(model: nn.Module, size: int = TRACE_SIZE, channels: int = 3) -> list[_Traced]:
+    """Layers in call order with their input/output storages and shapes at ``size`` x ``size``,
+    and, for the layers the planner measures, what autograd saves (with how each dim grows)."""
+    _check_plannable(model)
+    records = _run_traced(model, size, size, channels)
+    again = _run_traced(model, 2 * size, 3 * size, channels)
+    if [r.name for r in records] != [r.name for r in again]:
+        raise HaloNotSupportedError("halo-plan cannot plan this model: it calls different modules on different "
+                                    "image sizes")
+    for r, q in zip(records, again):
+        if r.kind != "measured":
+            r.saves = []
+            continue
+        if len(r.saves) != len(q.saves):
+            raise HaloNotSupportedError(f"halo-plan cannot plan {r.name} ({type(r.module).__name__}): it saves "
+                                        f"{len(r.saves)} tensors on one image size and {len(q.saves)} on another")
+        for s, t in zip(r.saves, q.saves):
+            s.grow = _grow(f"{r.name} ({type(r.module).__name__})", s.shape, t.shape, size)
+    return records
+
+
+def trace_model(model: nn.Module, size: int | None = None, multiple: int | None = None) -> Trace:
+    """:func:`trace` at ``size`` (default: 64, or 4 output strides of a slide classifier's trunk, and
+    larger while the model refuses the image, e.g. a top-k head with more k than positions), with
+    the total stride (``multiple``, default ``halo.models.total_stride`` of a slide classifier's
+    trunk, else input over output size of the trace's window and normalisation layers)."""
+    from halo.models import SlideClassifier, total_stride
+
+    if multiple is None and isinstance(model, SlideClassifier):
+        multiple = total_stride(model.trunk)
+    if size is None:
+        size = max(TRACE_SIZE, 4 * (multiple or 1))
+        for _ in range(4):
+            try:
+                records = trace(model, size)
+                break
+            except HaloShapeError:
+                size *= 2
+        else:
+            records = trace(model, size)
+    else:
+        records = trace(model, size)
+    if multiple is None:
+        multiple = max(size // r.out[1][-1] for r in records if r.kind in _WINDOW_OR_NORM and len(r.out[1]) == 4)
+    if size % multiple:
+        raise ValueError(f"trace size {size} is not a multiple of the total stride {multiple}")
+    return Trace(records, size, int(multiple))
 
 
 def _halo(m: nn.Module, name: str) -> HaloSpec | None:
@@ -186,9 +394,7 @@ def _band_outputs(m: nn.MaxPool2d, spec: HaloSpec, padding: tuple[int, int], ins
     return outs[0] * outs[1] * sum((r1 - r0) * (c1 - c0) for (r0, r1), (c0, c1), _, _ in bands)
 
 
-_WINDOW_OR_NORM = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.BatchNorm2d)
-_SAVES_OUTPUT = (nn.ReLU, nn.Sigmoid, nn.Tanh)
-_SAVES_NOTHING = (nn.Flatten, nn.Identity, nn.AdaptiveAvgPool2d, nn.Dropout2d, nn.Dropout)
+_WINDOW_OR_NORM = ("conv", "maxpool", "avgpool", "bn")
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -219,9 +425,14 @@ def plan_model(
     input_requires_grad: bool = False,
     gpu_memory: float = 80 * GB,
     mpp: float | None = None,
-    trace_size: int = TRACE_SIZE,
+    trace_size: int | None = None,
+    traced: Trace | None = None,
 ) -> Plan:
-    """Plan one training step of ``model`` on an ``image`` sharded over a ``mesh``.
+    """Plan one training step of ``model`` on an ``image`` of ``(height, width)`` pixels sharded
+    over a ``mesh`` of ``(rows, cols)`` ranks.
+
+    The image is padded to a multiple of ``rows`` (``cols``) times the total stride, as the data
+    path pads; ``halo.models.total_stride`` for a :class:`halo.models.SlideClassifier`.
 
     Parameters
     ----------
@@ -230,6 +441,13 @@ def plan_model(
         on one process (``mesh`` must then be ``(1, 1)``).
     input_requires_grad:
         Whether the image needs a gradient (then the first layer's halo travels back too).
+    traced:
+        ``trace_model(model)``, to plan many sizes and meshes of one model without tracing again.
+
+    Raises
+    ------
+    HaloNotSupportedError
+        A layer the planner cannot plan, named by its module path and type.
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
@@ -239,16 +457,26 @@ def plan_model(
         raise ValueError(f"mesh, batch and image sizes must be positive, got mesh={mesh}, batch={batch}, image={image}")
     if not halo_layers and (rows, cols) != (1, 1):  # plain torch has no mesh
         raise ValueError(f"halo_layers=False plans one process; mesh must be (1, 1), got {mesh}")
-    records = trace(model, trace_size)
-    total_stride = max(trace_size // r.out[1][-1] for r in records if isinstance(r.module, _WINDOW_OR_NORM))
+    if traced is None:
+        traced = trace_model(model, trace_size)
+    records, trace_size, total_stride = traced.records, traced.size, traced.stride
     ph, pw = padded_size(image[0], rows * total_stride), padded_size(image[1], cols * total_stride)
     h, w = ph // rows, pw // cols
     eb = DTYPE_BYTES[dtype]
 
     def scale(shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(shape) == 0:
+            return shape
         if len(shape) != 4:
             return (batch, *shape[1:])
         return (batch, shape[1], shape[2] * h // trace_size, shape[3] * w // trace_size)
+
+    factor = {"1": lambda s: s, "n": lambda s: batch, "h": lambda s: s * h // trace_size,
+              "w": lambda s: s * w // trace_size, "hw": lambda s: s * h * w // trace_size**2}
+
+    def saved_bytes(s: _Saved) -> int:
+        n = _numel(factor[g](d) for g, d in zip(s.grow, s.shape))
+        return n * (eb if s.floating else s.itemsize)
 
     layers: list[LayerPlan] = []
     seen: set[int] = set()
@@ -257,10 +485,10 @@ def plan_model(
     outside = 0
     first_window = True
     for r in records:
-        m, ins, outs = r.module, scale(r.ins[1]), scale(r.out[1])
-        spec = _halo(m, r.name) if halo_layers else None
+        m, kind, ins, outs = r.module, r.kind, scale(r.ins[1]), scale(r.out[1])
+        spec = _halo(m, r.name) if halo_layers and kind in ("conv", "maxpool", "avgpool") else None
         local_pad = (0, 0)
-        if spec is not None and isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+        if spec is not None and kind in ("conv", "maxpool"):
             spec, local_pad = split_local(spec, grid)  # unsharded dims use the op's own padding
         elif spec is not None and rows * cols == 1:  # average pooling on one rank is plain torch
             spec = None
@@ -269,34 +497,34 @@ def plan_model(
         fresh = 0  # bytes of tensors only this layer saves
         keyed: list[tuple[int, int]] = []  # (storage key, bytes) shared with other layers
         nin, nout = _numel(ins), _numel(outs)
-        if isinstance(m, nn.MaxPool2d):  # int64 indices; plain torch also keeps the input
+        if kind == "maxpool":  # int64 indices; plain torch also keeps the input
             fresh += nout * 8
             if spec is not None:  # by bands, also those of the border bands' outputs
                 fresh += _band_outputs(m, spec, local_pad, ins, outs) * 8
             if not halo_layers:
                 keyed.append((r.ins[0], nin * eb))
-        elif isinstance(m, nn.Conv2d):  # the block (shared) and the thin strips
+        elif kind == "conv":  # the block (shared) and the thin strips
             keyed.append((r.ins[0], nin * eb))
             if spec is not None:
                 n, c, bh, bw = ins
                 eh = bh + spec.top + spec.bottom
                 fresh += n * c * eb * ((spec.top + max(spec.bottom, 0)) * bw + (spec.left + max(spec.right, 0)) * eh)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif kind == "bn":
             keyed.append((r.ins[0], nin * eb))
             fresh += 2 * ins[1] * eb
-        elif isinstance(m, nn.AvgPool2d):  # sharded: nothing but the divisors that exclude padding
+        elif kind == "avgpool":  # sharded: nothing but the divisors that exclude padding
             if halo_layers and rows * cols > 1:
                 if not m.count_include_pad and m.divisor_override is None and spec is not None:
                     fresh += outs[2] * outs[3] * eb
             else:
                 keyed.append((r.ins[0], nin * eb))
-        elif isinstance(m, _SAVES_OUTPUT):
+        elif kind == "output":
             keyed.append((r.out[0], nout * eb))
-        elif isinstance(m, nn.AdaptiveMaxPool2d):
+        elif kind == "amax":
             keyed.append((r.ins[0], nin * eb))
             fresh += nout * 8
-        elif not isinstance(m, _SAVES_NOTHING):
-            keyed.append((r.ins[0], nin * eb))
+        elif kind == "measured":  # what autograd saved on the trace, scaled to the block
+            keyed.extend((s.key, saved_bytes(s)) for s in r.saves)
         segmented = checkpointing and r.segment is not None
         if segmented and r.segment not in seg_peak:  # a new segment keeps only its input
             seg_peak[r.segment], seg_seen = 0, set()
@@ -321,12 +549,12 @@ def plan_model(
             cols_sent = (cols - 1) / cols * (spec.left + max(spec.right, 0)) * eh
             directions = 1 if first_window and not input_requires_grad else 2
             halo_bytes = round(directions * n * c * eb * (rows_sent + cols_sent))
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        if kind in ("conv", "maxpool", "avgpool"):
             first_window = False
         layers.append(LayerPlan(
-            name=r.name, type=type(m).__name__, in_shape=ins, out_shape=outs,
+            name=r.name or "(model)", type=type(m).__name__, in_shape=ins, out_shape=outs,
             halo=None if spec is None else (spec.top, spec.bottom, spec.left, spec.right),
-            saved_bytes=saved, halo_bytes=halo_bytes, flops=_flops(m, ins, outs),
+            saved_bytes=saved, halo_bytes=halo_bytes, flops=_flops(m, ins, outs) if r.leaf else 0,
         ))
     activation = outside + max(seg_peak.values(), default=0) if checkpointing else sum(l.saved_bytes for l in layers)
     params = sum(p.numel() for p in model.parameters())
@@ -424,31 +652,277 @@ def _fmt(n: float) -> str:
     return f"{n / 1000**i:.1f} {_UNITS[i]}"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+# -- slides: the padded region training reads, planned by the training data path ------------------
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SlidePlan:
+    """One slide's padded region (as ``halo.data.SlideDataset`` plans it for training) and the
+    memory plan of one training step on it. Sizes are ``(height, width)``."""
+
+    key: str
+    path: str
+    level: int
+    mpp: float | None
+    padded_hw: tuple[int, int]
+    block_hw: tuple[int, int]
+    content_hw: tuple[int, int]
+    plan: Plan
+
+    def summary(self) -> dict:
+        p = self.plan.summary()
+        return {"slide": self.key, "path": self.path, "level": self.level, "mpp": self.mpp,
+                "padded_hw": list(self.padded_hw), "block_hw": list(self.block_hw),
+                "tissue_hw": list(self.content_hw), "mesh": p["mesh"],
+                **{k: p[k] for k in ("activation_bytes_per_rank", "total_bytes_per_rank", "halo_bytes_per_step_per_rank",
+                                     "param_bytes", "flops_per_rank", "gpu_memory_bytes", "fits")}}
+
+
+class _Cohort:
+    """The slides to plan, as a manifest ``halo.data.SlideDataset`` reads (the class training
+    uses, so that level choice, tissue box and padding are training's own). ``--slide`` paths
+    become a one-column manifest in a temporary folder; labels only satisfy the manifest."""
+
+    def __init__(self, *, slides: Sequence[str] | None, csv_path: str | None, root: str | None) -> None:
+        import csv
+        import os
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="halo-plan-")
+        self.root = root
+        if slides is not None:
+            self.keys = list(slides)
+            self.csv = os.path.join(self._tmp.name, "slides.csv")
+            with open(self.csv, "w", newline="") as fh:
+                wr = csv.writer(fh)
+                wr.writerow(["slide", "label"])
+                wr.writerows([os.path.abspath(s), "slide"] for s in slides)
+            self.classes = ["slide"]
+            return
+        self.keys = None
+        self.csv = csv_path
+        if not os.path.isfile(csv_path):
+            raise FileNotFoundError(f"--csv {csv_path}: no such file")
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = [c.strip() for c in reader.fieldnames or []]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+        if "slide" not in fields:
+            raise ValueError(f"--csv {csv_path}: no 'slide' column (found {fields})")
+        if "label" not in fields:  # halo-plan needs no labels: a copy with one, paths still relative to the CSV's folder
+            self.root = root if root is not None else os.path.dirname(os.path.abspath(csv_path))
+            self.csv = os.path.join(self._tmp.name, "cohort.csv")
+            with open(self.csv, "w", newline="") as fh:
+                wr = csv.DictWriter(fh, fieldnames=[*fields, "label"])
+                wr.writeheader()
+                wr.writerows({**r, "label": "slide"} for r in rows)
+        self.classes = list(dict.fromkeys(r.get("label", "slide") for r in rows)) or ["slide"]
+
+    def dataset(self, grid: tuple[int, int], multiple: int, mpp: float | None, level: int | None, tissue):
+        from halo.data import SlideDataset
+
+        return SlideDataset(self.csv, self.classes, grid=grid, multiple=multiple, mpp=mpp, level=level,
+                            root=self.root, tissue=tissue, validate=False)
+
+    def key(self, ds, i: int) -> str:
+        return self.keys[i] if self.keys is not None else ds.rows[i].slide_id
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def plan_slide(region, *, key: str, model: nn.Module, name: str, traced: Trace, **kwargs) -> SlidePlan:
+    """:func:`plan_model` on the padded region of a ``halo.data.RegionPlan``."""
+    w, h = region.padded_size  # halo.data's sizes are (width, height)
+    rows, cols = region.grid
+    p = plan_model(model, name=name, image=(h, w), mesh=(rows, cols), mpp=region.mpp, traced=traced, **kwargs)
+    if p.padded_image != (h, w):  # the data path pads to multiples of rows and cols times the stride
+        raise AssertionError(f"{region.path}: planned {p.padded_image}, the data path reads {(h, w)}")
+    (_, _), (cw, ch) = region.content
+    return SlidePlan(key=key, path=region.path, level=region.level, mpp=region.mpp, padded_hw=(h, w),
+                     block_hw=region.block_shape(), content_hw=(ch, cw), plan=p)
+
+
+def _tissue(items: Sequence[str]):
+    """``KEY=VALUE`` pairs as :class:`halo.data.TissueOptions` (None: its defaults, as training's)."""
+    import dataclasses
+
+    from halo.data import TissueOptions
+
+    if not items:
+        return None
+    fields = {f.name: f for f in dataclasses.fields(TissueOptions)}
+    defaults = TissueOptions()
+    kwargs = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--tissue {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        kind = type(getattr(defaults, key))
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"--tissue {item!r}: {key} is true or false")
+            kwargs[key] = text.lower() in ("true", "1", "yes")
+        else:
+            kwargs[key] = kind(text)
+    return TissueOptions(**kwargs)
+
+
+def _slide_line(s: SlidePlan, width: int) -> str:
+    h, w = s.padded_hw
+    bh, bw = s.block_hw
+    mpp = f"{s.mpp:.3f} mpp" if s.mpp is not None else "no mpp"
+    fits = "fits" if s.plan.fits else "does not fit"
+    return (f"  {s.key:{width}s}  level {s.level}  {mpp}  padded {h} x {w}  block {bh} x {bw}  "
+            f"peak {_fmt(s.plan.total_bytes_per_rank)} per rank  {fits}")
+
+
+def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace) -> int:
+    """``--slide`` / ``--csv``: one line per slide, then the smallest square mesh for the largest."""
+    from halo.data import ManifestError, SlideError, SlideTooSmallError
+
+    try:
+        tissue = _tissue(a.tissue)
+        cohort = _Cohort(slides=a.slide, csv_path=a.csv, root=a.root)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    kwargs = dict(dtype=a.dtype, batch=a.batch, checkpointing=a.checkpointing, gpu_memory=a.gpu_memory * GB)
+    mesh = tuple(a.mesh)
+    try:
+        try:
+            ds = cohort.dataset(mesh, traced.stride, a.mpp, a.level, tissue)
+        except ManifestError as e:
+            print(f"halo-plan: {e}", file=sys.stderr)
+            return 2
+        planned: list[tuple[int, SlidePlan]] = []
+        failed: list[tuple[str, str, str]] = []
+        for i in range(len(ds)):
+            key = cohort.key(ds, i)
+            try:
+                planned.append((i, plan_slide(ds.plan(i), key=key, model=model, name=a.model, traced=traced,
+                                              **kwargs)))
+            except (SlideError, FileNotFoundError) as e:
+                why = str(e)
+                path = getattr(e, "path", None)
+                if path and why.startswith(f"{path}: "):  # the line names the slide already
+                    why = why[len(path) + 2:]
+                failed.append((key, ds.rows[i].path, f"{type(e).__name__}: {why}"))
+        largest = max(planned, key=lambda ip: ip[1].content_hw[0] * ip[1].content_hw[1], default=None)
+        smallest: dict | None = None
+        if largest is not None:
+            index, big = largest
+            smallest = {"slide": big.key, "tissue_hw": list(big.content_hw), "n": None}
+            for n in range(1, a.max_mesh + 1):
+                try:
+                    s = plan_slide(cohort.dataset((n, n), traced.stride, a.mpp, a.level, tissue).plan(index),
+                                   key=big.key, model=model, name=a.model, traced=traced, **kwargs)
+                except SlideTooSmallError as e:
+                    smallest["reason"] = f"at {n} x {n} the slide is smaller than the grid: {e}"
+                    break
+                if s.plan.fits:
+                    smallest.update(n=n, block_hw=list(s.block_hw), padded_hw=list(s.padded_hw),
+                                    total_bytes_per_rank=s.plan.total_bytes_per_rank)
+                    break
+            else:
+                smallest["reason"] = f"no square mesh up to {a.max_mesh} x {a.max_mesh} fits"
+    finally:
+        cohort.close()
+    if a.json:
+        out = {"model": a.model, "head": a.head, "total_stride": traced.stride, "mesh": list(mesh),
+               "dtype": a.dtype, "batch": a.batch, "checkpointing": a.checkpointing,
+               "gpu_memory_bytes": int(a.gpu_memory * GB), "sizes": "height, width",
+               "slides": [s.summary() for _, s in planned]
+               + [{"slide": k, "path": path, "error": why} for k, path, why in failed],
+               "smallest_square_mesh": smallest}
+        print(json.dumps(out, indent=2))
+        return 1 if failed else 0
+    print(f"halo-plan: {a.model} with a {a.head} head (total stride {traced.stride}) on a {mesh[0]} x {mesh[1]} mesh, "
+          f"batch {a.batch}, {a.dtype}{', checkpointing' if a.checkpointing else ''}, {a.gpu_memory:g} GB per GPU; "
+          f"sizes are H x W (height x width) pixels at the level read")
+    width = max([len(s.key) for _, s in planned] + [len(k) for k, _, _ in failed] + [1])
+    for _, s in planned:
+        print(_slide_line(s, width))
+    for key, _, why in failed:
+        print(f"  {key:{width}s}  cannot plan: {why}")
+    if smallest is not None:
+        th, tw = smallest["tissue_hw"]
+        head = f"smallest square mesh for the largest slide ({smallest['slide']}, tissue {th} x {tw})"
+        if smallest["n"] is not None:
+            n, (bh, bw) = smallest["n"], smallest["block_hw"]
+            print(f"{head}: {n} x {n}, block {bh} x {bw}, peak {_fmt(smallest['total_bytes_per_rank'])} per rank")
+        else:
+            print(f"{head}: none; {smallest['reason']}")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """The ``halo-plan`` command line."""
-    p = argparse.ArgumentParser(prog="halo-plan", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="torchvision model name, e.g. resnet50")
-    p.add_argument("--image", nargs=2, type=int, required=True, metavar=("H", "W"), help="global image size in pixels")
-    p.add_argument("--mesh", nargs=2, type=int, default=(1, 1), metavar=("R", "C"))
+    from halo.models import HEADS, build_classifier
+
+    p = argparse.ArgumentParser(
+        prog="halo-plan", description=__doc__.splitlines()[0],
+        epilog="Sizes are HEIGHT then WIDTH, as arrays are ((N, C, H, W); halo.data's own sizes are (width, height)) "
+               "and output prints them as H x W. The model is what halo-train builds: "
+               "halo.models.build_classifier(MODEL, NUM_CLASSES, head=HEAD). Slides are planned by "
+               "halo.data.SlideDataset, as training plans them: same level, tissue box and padding.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", nargs=2, type=int, metavar=("HEIGHT", "WIDTH"),
+                     help="plan an image of HEIGHT x WIDTH pixels (height first)")
+    src.add_argument("--slide", nargs="+", metavar="PATH", help="plan the padded tissue region of each slide")
+    src.add_argument("--csv", metavar="COHORT.csv",
+                     help="plan every slide of a manifest (its 'slide' column; relative paths from the CSV's folder)")
+    p.add_argument("--model", required=True,
+                   help="model.name as halo-train takes it: halo_tiny[_WIDTH], a torchvision name (resnet50) "
+                        "or timm:<name>")
+    p.add_argument("--head", choices=HEADS, default="max", help="head.name (default max, halo-train's default)")
+    p.add_argument("--num-classes", type=int, default=2, help="model.num_classes (default 2)")
+    p.add_argument("--mesh", nargs=2, type=int, default=(1, 1), metavar=("ROWS", "COLS"),
+                   help="ranks per image: mesh.rows mesh.cols (default 1 1)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--checkpointing", action="store_true",
                    help="recompute each trunk stage in backward, as train.checkpointing does")
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80, an H100)")
-    p.add_argument("--mpp", type=float, default=None, help="microns per pixel, to report the field of view")
-    p.add_argument("--layers", action="store_true", help="also print the per-layer table")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB",
+                   help="memory budget per GPU in GB (default 80, an H100)")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="with --slide/--csv: microns per pixel to train at (data.mpp; default: the level given by "
+                        "--level, else level 0); with --image: only reports the field of view")
+    p.add_argument("--level", type=int, default=None,
+                   help="pyramid level for slides without a usable mpp, or every slide without --mpp (data.level)")
+    p.add_argument("--root", default=None, help="folder relative slide paths of --csv resolve against "
+                                               "(data.root; default the CSV's folder)")
+    p.add_argument("--tissue", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="halo.data.TissueOptions fields (data.tissue), e.g. floor=0.05 enabled=false")
+    p.add_argument("--max-mesh", type=int, default=64, metavar="N",
+                   help="largest n x n mesh tried for the smallest one that fits (default 64)")
+    p.add_argument("--layers", action="store_true", help="also print the per-layer table (--image)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    result = plan(a.model, tuple(a.image), tuple(a.mesh), dtype=a.dtype, batch=a.batch,
-                  checkpointing=a.checkpointing, gpu_memory=a.gpu_memory * GB, mpp=a.mpp)
+    if min(a.mesh) < 1 or a.batch < 1 or a.num_classes < 1 or a.max_mesh < 1:
+        p.error("--mesh, --batch, --num-classes and --max-mesh must be positive")
+    if a.image is not None and (a.level is not None or a.root is not None or a.tissue):
+        p.error("--level, --root and --tissue apply to --slide and --csv, not --image")
+    try:
+        model = build_classifier(a.model, a.num_classes, head=a.head)
+        traced = trace_model(model)
+    except (ValueError, HaloNotSupportedError) as e:
+        print(f"halo-plan: --model {a.model} --head {a.head}: {e}", file=sys.stderr)
+        return 2
+    if a.image is None:
+        return _plan_slides(a, p, model, traced)
+    if min(a.image) < 1:
+        p.error("--image HEIGHT WIDTH must be positive")
+    result = plan_model(model, name=a.model, image=tuple(a.image), mesh=tuple(a.mesh), dtype=a.dtype, batch=a.batch,
+                        checkpointing=a.checkpointing, gpu_memory=a.gpu_memory * GB, mpp=a.mpp, traced=traced)
     if a.json:
         out = result.summary()
         if a.layers:
             out["layers"] = [asdict(l) for l in result.layers]
-        return print(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2))
+        return 0
     s = result.summary()
-    print(f"{a.model} on {s['image'][0]} x {s['image'][1]} (padded {s['padded_image'][0]} x {s['padded_image'][1]}), "
-          f"mesh {a.mesh[0]} x {a.mesh[1]}, block {s['block'][0]} x {s['block'][1]}, batch {a.batch}, {a.dtype}"
+    print(f"{a.model} with a {a.head} head on {s['image'][0]} x {s['image'][1]} (H x W; padded {s['padded_image'][0]} x "
+          f"{s['padded_image'][1]}), mesh {a.mesh[0]} x {a.mesh[1]}, block {s['block'][0]} x {s['block'][1]}, "
+          f"batch {a.batch}, {a.dtype}"
           + (f", {s['field_mm'][0]} x {s['field_mm'][1]} mm at {a.mpp} mpp" if a.mpp else ""))
     for key in ("activation_bytes_per_rank", "param_bytes", "grad_bytes", "optimizer_bytes", "workspace_bytes",
                 "total_bytes_per_rank", "halo_bytes_per_step_per_rank"):
@@ -459,7 +933,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for l in result.layers:
             print(f"  {l.name:28s} {l.type:18s} {str(l.out_shape):26s} saved {_fmt(l.saved_bytes):>10s} "
                   f"halo {_fmt(l.halo_bytes):>10s}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

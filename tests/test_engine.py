@@ -216,3 +216,89 @@ def test_checkpoint_rng_state_round_trips_every_generator(tmp_path: Path) -> Non
     _set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"][0])  # loads with weights_only=True
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
+
+
+# -- trunk modes ------------------------------------------------------------------------------------
+def _run_keeping_params(csv_path: str, run_dir: str, extra: list[str]) -> dict:
+    """``_run``, returning this rank's parameters when the engine starts and after its last epoch."""
+    from halo.engine import Engine
+
+    kept: dict[str, dict] = {}
+    train, finish = Engine.train, Engine._finish
+
+    def snapshot(model) -> dict:
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def spy_train(self):
+        kept["start"] = snapshot(self.model)
+        return train(self)
+
+    def spy_finish(self, *args):
+        kept["end"] = snapshot(self.model)  # before _finish loads best.pt
+        kept["requires_grad"] = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        return finish(self, *args)
+
+    Engine.train, Engine._finish = spy_train, spy_finish
+    try:
+        out = _run(csv_path, run_dir, extra)
+    finally:
+        Engine.train, Engine._finish = train, finish
+    return {**out, **kept}
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("mode", ["frozen", "freeze_stages", "unfreeze_at"])
+def test_trunk_modes_train_what_they_say_and_ranks_stay_equal(pool2, tmp_path: Path, mode: str) -> None:
+    """Two image groups (world 2, mesh 1x1), so DDP must reduce every trained parameter."""
+    cohort = _write_cohort(tmp_path, {n: s for n, s in zip("abcdef", ["train"] * 4 + ["val"] * 2)})
+    extra = {"frozen": ["train.trunk=frozen"], "freeze_stages": ["train.freeze_stages=2"],
+             "unfreeze_at": ["train.freeze_stages=2", "train.unfreeze_at=2", "train.trunk_lr_scale=0.5"]}[mode]
+    out = pool2.run(_run_keeping_params, str(cohort), str(tmp_path / "run"), ["train.epochs=2", *extra], timeout=300)
+    start, end = out[0]["start"], out[0]["end"]
+    for name in end:  # every parameter equal on both ranks after training
+        assert torch_equal(end[name], out[1]["end"][name]), name
+    frozen = {"frozen": ("trunk.",), "freeze_stages": ("trunk.0.", "trunk.1."), "unfreeze_at": ()}[mode]
+    for name in end:
+        moved = not torch_equal(start[name], end[name])
+        if name.startswith(frozen):
+            assert not moved, f"{name} is frozen but changed"
+        elif name.startswith(("head.", "trunk.")) and not name.endswith("bias"):
+            assert moved, f"{name} should have trained"
+    if mode == "unfreeze_at":
+        assert any("unfrozen" in line and "DDP rebuilt" in line for line in out[0]["log"]), out[0]["log"]
+        assert all(out[0]["requires_grad"].values())
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_frozen_stages_keep_no_activations_and_stay_in_eval() -> None:
+    import torch
+
+    from halo.models import build_classifier
+
+    def saved(model) -> int:
+        count = [0]
+
+        def pack(t):
+            count[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.randn(1, 3, 64, 64)).sum().backward()
+        return count[0]
+
+    torch.manual_seed(0)
+    model = build_classifier("halo_tiny", 2, head="mean").train()
+    full = saved(model)
+    model.zero_grad(set_to_none=True)
+    model.freeze(len(model.trunk))
+    model.train()
+    assert all(not m.training for stage in model.trunk for m in stage.modules()) and model.head.training
+    assert saved(model) < full / 20  # only the head's saved tensors remain
+    assert all(p.grad is None for p in model.trunk.parameters())
+    with pytest.raises(ValueError, match="the trunk has"):
+        model.freeze(len(model.trunk) + 1)

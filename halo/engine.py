@@ -308,17 +308,61 @@ class Engine:
                 wr.writerows(rows)
 
     # -- training ---------------------------------------------------------------------
-    def _optimizer(self, params, steps_per_epoch: int):
+    # -- trunk modes: frozen, freeze_stages, unfreeze_at --------------------------------
+    def _frozen_at(self, epoch: int) -> int:
+        """How many trunk stages are frozen in epoch ``epoch`` (0-based)."""
+        t = self.cfg.train
+        stages = len(self.model.trunk)
+        mode = str(t.get("trunk", "train"))
+        if mode not in ("train", "frozen"):
+            raise InputError(f"halo-train: train.trunk must be 'train' or 'frozen', got {mode!r}")
+        n = stages if mode == "frozen" else int(t.get("freeze_stages", 0))
+        if not 0 <= n <= stages:
+            raise InputError(f"halo-train: train.freeze_stages={n}, but {self.cfg.model.name}'s trunk has "
+                             f"{stages} stages (0 to {stages})")
+        at = t.get("unfreeze_at")
+        if at is not None and (mode == "frozen" or n == 0 or int(at) < 1):
+            raise InputError(f"halo-train: train.unfreeze_at={at} needs train.freeze_stages >= 1, "
+                             f"train.trunk=train and an epoch >= 1")
+        return 0 if at is not None and epoch + 1 >= int(at) else n
+
+    def _trunk_mode(self, epoch: int, ddp: DDP | None) -> DDP:
+        """Freeze or unfreeze trunk stages for this epoch; a new DDP wrapper when that changes.
+
+        DDP reduces only the parameters that required gradients when it was built: one built
+        with a stage frozen would leave that stage's gradients different on every rank once it
+        trains. The optimizer holds every parameter from the start (a frozen one has no
+        gradient, so it does not step), so its state and schedule carry on unchanged.
+        """
+        n = self._frozen_at(epoch)
+        if ddp is not None and n == self.model.frozen_stages:
+            return ddp
+        if ddp is not None and self.is_main:
+            log.info("epoch %d: trunk stages 1-%d unfrozen (train.unfreeze_at), DDP rebuilt", epoch + 1,
+                     self.model.frozen_stages)
+        self.model.freeze(n)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise InputError("halo-train: nothing to train: every parameter is frozen")
+        return DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """The head at ``train.lr``, the trunk at ``train.lr * train.trunk_lr_scale``."""
+        lr = float(self.cfg.train.lr)
+        scale = float(self.cfg.train.get("trunk_lr_scale", 1.0))
+        return [{"params": list(self.model.head.parameters()), "lr": lr, "name": "head"},
+                {"params": list(self.model.trunk.parameters()), "lr": lr * scale, "name": "trunk"}]
+
+    def _optimizer(self, groups: list[dict[str, Any]], steps_per_epoch: int):
         t = self.cfg.train
         if t.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=float(t.lr), weight_decay=float(t.weight_decay))
+            opt = torch.optim.AdamW(groups, lr=float(t.lr), weight_decay=float(t.weight_decay))
         elif t.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=float(t.lr), momentum=float(t.momentum), weight_decay=float(t.weight_decay))
+            opt = torch.optim.SGD(groups, lr=float(t.lr), momentum=float(t.momentum), weight_decay=float(t.weight_decay))
         else:
             raise ValueError(f"train.optimizer must be adamw or sgd, got {t.optimizer!r}")
         total = max(1, int(t.epochs) * steps_per_epoch)
         if t.schedule == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(t.lr), total_steps=total,
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total,
                                                         pct_start=float(t.warmup_fraction))
         elif t.schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
@@ -355,8 +399,7 @@ class Engine:
                         "checkpoints/best.pt is the last epoch's weights", train_ds.csv_path)
         steps_per_epoch = math.ceil(len(train_ds) / self.mesh.data)
         accumulate = max(1, int(t.accumulate))
-        ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        opt, sched = self._optimizer(ddp.parameters(), math.ceil(steps_per_epoch / accumulate))
+        opt, sched = self._optimizer(self._param_groups(), math.ceil(steps_per_epoch / accumulate))
         weights = torch.as_tensor(train_ds.class_weights(), dtype=torch.float32, device=self.device) if t.class_weights else None
         state = {"epoch": 0, "best_auc": -math.inf, "best_epoch": -1, "slides_seen": 0, "history": []}
         last = self.run_dir / "checkpoints" / "last.pt"
@@ -364,7 +407,9 @@ class Engine:
             state = self._restore(last, opt, sched)
         elif t.resume:
             log.warning("train.resume=true but %s does not exist: starting from scratch", last)
+        ddp = None
         for epoch in range(state["epoch"], int(t.epochs)):
+            ddp = self._trunk_mode(epoch, ddp)
             started = time.time()
             loss_sum, seen = self._train_epoch(ddp, opt, sched, train_ds, epoch, steps_per_epoch, accumulate, weights)
             trained_s = time.time() - started

@@ -180,10 +180,37 @@ class SlideClassifier(nn.Module):
         self.trunk = trunk
         self.head = head
         self.checkpointing = checkpointing
+        self.frozen_stages = 0
+
+    def freeze(self, stages: int) -> None:
+        """Freeze the first ``stages`` trunk stages (0: none, ``len(trunk)``: the whole trunk).
+
+        A frozen stage has ``requires_grad=False`` parameters, stays in eval mode (batch norm
+        uses its running statistics and updates nothing) and runs without autograd, so it keeps
+        no activations for backward: only the layer being computed is live. A DDP wrapper built
+        before a change does not reduce the parameters it changes: build a new one.
+        """
+        n = int(stages)
+        if not 0 <= n <= len(self.trunk):
+            raise ValueError(f"cannot freeze {n} stages: the trunk has {len(self.trunk)} (0 to {len(self.trunk)})")
+        self.frozen_stages = n
+        for i, stage in enumerate(self.trunk):
+            for p in stage.parameters():
+                p.requires_grad_(i >= n)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> SlideClassifier:
+        super().train(mode)
+        for stage in list(self.trunk)[: self.frozen_stages]:
+            stage.eval()
+        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        for stage in self.trunk:
-            if self.checkpointing and self.training and torch.is_grad_enabled():
+        for i, stage in enumerate(self.trunk):
+            if i < self.frozen_stages:
+                with torch.no_grad():
+                    x = stage(x)
+            elif self.checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(stage, x, use_reentrant=False)
             else:
                 x = stage(x)

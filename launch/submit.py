@@ -20,6 +20,16 @@ What it does:
    rank 0's log to stdout while it waits (``launcher.follow``), and exits 0 with the run's
    summary, or non-zero with the job's state and the tail of every task's error log.
 
+A SLURM job that can never start is not waited on: before submitting, the request (nodes,
+tasks per node x CPUs per task, GPUs and memory per node) is checked against what ``sinfo``
+says the partition offers (``launcher.check_request``), and refused at once, exit status 2,
+naming both. While the job waits, halo-submit prints its state and pending reason (``squeue``)
+when they change, and again every ``launcher.status_every_s`` while pending; a reason that
+cannot clear on its own (``PartitionConfig``, ``PartitionNodeLimit``, ``BadConstraints``,
+``ReqNodeNotAvail`` on a node that does not exist, a request larger than any node, ...) cancels
+the job (``scancel``) and exits 2 with the same report. Reasons that clear (``Priority``,
+``Resources``, ``BeginTime``, ``Dependency``, ``JobHeldUser``, ...) keep it waiting.
+
 Preemption and time-outs: SLURM sends SIGUSR2 ``launcher.signal_delay_s`` before the time
 limit (and a preempting scheduler or ``scancel --signal=USR2`` sends it too); submitit calls
 `TrainJob.checkpoint` on rank 0, which returns the same job with ``train.resume=true``, and
@@ -35,8 +45,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
+import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +62,8 @@ from submitit.core.utils import JobPaths
 
 from halo.train import CONF_DIR  # also registers the ${halo_run_id:} resolver of hydra.run.dir
 
-__all__ = ["TrainJob", "make_executor", "submit", "main"]
+__all__ = ["TrainJob", "make_executor", "submit", "main", "Request", "Node", "Offer", "slurm_request",
+           "partition_offer", "request_problems", "never_starts", "cannot_start_message", "StatusLine"]
 
 log = logging.getLogger("halo.submit")
 _TAIL_LINES = 40
@@ -181,6 +197,296 @@ def make_executor(launcher: DictConfig, folder: Path) -> submitit.Executor:
     raise ValueError(f"launcher.name must be 'slurm' or 'local', got {name!r}")
 
 
+# ---- can SLURM ever start the job? ------------------------------------------------------------
+
+# Pending reasons that do not clear on their own (someone must change the job or the cluster).
+_FINAL_REASONS = {
+    "PartitionConfig": "the request exceeds the CPUs, memory, GPUs or nodes per job that the partition allows",
+    "PartitionNodeLimit": "more nodes than the partition allows per job",
+    "PartitionTimeLimit": "a time limit above the partition's MaxTime",
+    "BadConstraints": "constraints, features or GRES that no node of the partition has",
+    "InvalidAccount": "an invalid account",
+    "InvalidQOS": "an invalid QOS",
+}
+_SLURM_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a SLURM job of ``launcher`` asks for (per node, except ``nodes``)."""
+
+    nodes: int
+    tasks_per_node: int
+    cpus_per_task: int
+    gpus_per_node: int = 0
+    mem: str | None = None        # as given to sbatch ("64G"); None: the partition's default
+    partition: str | None = None  # None: the cluster's default partition
+
+    @property
+    def cpus_per_node(self) -> int:
+        return self.tasks_per_node * self.cpus_per_task
+
+    @property
+    def mem_mb(self) -> int | None:
+        return _mb(self.mem) if self.mem else None
+
+    def describe(self, partition: str | None = None) -> str:
+        """``nodes=1, tasks_per_node=2, cpus_per_task=8 (16 CPUs per node), ...``."""
+        part = self.partition or (f"{partition} (the default)" if partition else "the default")
+        return (f"nodes={self.nodes}, tasks_per_node={self.tasks_per_node}, cpus_per_task={self.cpus_per_task} "
+                f"({self.cpus_per_node} CPUs per node), gpus_per_node={self.gpus_per_node}, "
+                f"mem={self.mem or 'partition default'}, partition={part}")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node as ``sinfo`` reports it."""
+
+    name: str
+    cpus: int
+    mem_mb: int
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a partition offers one job; ``known_nodes``: every node of the cluster."""
+
+    partition: str
+    nodes: tuple[Node, ...]
+    max_nodes: int | None = None          # per job (MaxNodes); None: unlimited
+    max_cpus_per_node: int | None = None  # MaxCPUsPerNode; None: unlimited
+    known_nodes: frozenset[str] = frozenset()
+
+    def describe(self) -> str:
+        """``partition debug offers 1 node (any number per job): vm: 2 CPUs, 23593M memory, 0 GPUs``."""
+        limit = "any number per job" if self.max_nodes is None else f"at most {self.max_nodes} per job"
+        groups: dict[tuple[int, int, int], list[str]] = {}
+        for n in self.nodes:
+            groups.setdefault((self.cpus_of(n), n.mem_mb, n.gpus), []).append(n.name)
+        kinds = []
+        for (cpus, mem, gpus), names in sorted(groups.items(), reverse=True):
+            shown = ",".join(names[:4]) + (f",... ({len(names)} nodes)" if len(names) > 4 else "")
+            kinds.append(f"{shown}: {cpus} CPUs, {mem}M memory, {gpus} GPUs")
+        count = f"{len(self.nodes)} node{'s' if len(self.nodes) != 1 else ''}"
+        return f"partition {self.partition} offers {count} ({limit}): " + "; ".join(kinds or ["no nodes"])
+
+    def cpus_of(self, node: Node) -> int:
+        """The CPUs of ``node`` one job may use (MaxCPUsPerNode)."""
+        return node.cpus if self.max_cpus_per_node is None else min(node.cpus, self.max_cpus_per_node)
+
+    def fits(self, node: Node, request: Request) -> bool:
+        """Whether one node of this partition can hold ``request``'s share of a node."""
+        mem = request.mem_mb
+        return (self.cpus_of(node) >= request.cpus_per_node and node.gpus >= request.gpus_per_node
+                and (mem is None or node.mem_mb >= mem))
+
+
+def _mb(text: str) -> int | None:
+    """sbatch's memory (``64G``, ``500M``, ``2T``, ``1024``: MB) in MB; None when unreadable."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        return None
+    scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+def _gpus(gres: str) -> int:
+    """GPUs in sinfo's ``%G`` (``gpu:4``, ``gpu:a100:2(S:0-1),gpu:v100:2``, ``(null)``)."""
+    total = 0
+    for item in re.sub(r"\([^)]*\)", "", gres).split(","):
+        fields = item.strip().split(":")
+        if fields[0] == "gpu" and len(fields) > 1 and fields[-1].isdigit():
+            total += int(fields[-1])
+    return total
+
+
+def _limit(text: str) -> int | None:
+    """A sinfo limit: a number, or None for ``UNLIMITED`` / ``infinite`` / ``N/A``."""
+    return int(text) if text.strip().isdigit() else None
+
+
+def _hostnames(spec: str) -> list[str]:
+    """SLURM's host list ``a[1-3,05],b`` as names (``a1 a2 a3 a05 b``)."""
+    names: list[str] = []
+    for prefix, ranges, plain in re.findall(r"([^,\[\]]+)\[([^\]]*)\]|([^,\[\]]+)", spec):
+        if plain:
+            names.append(plain.strip())
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                names.append(prefix + lo)
+            elif lo.isdigit() and hi.isdigit():
+                names += [prefix + str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    return [n for n in names if n]
+
+
+def _run(cmd: list[str]) -> str | None:
+    """stdout of a SLURM command; None when it is missing, fails or hangs."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_SLURM_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def slurm_request(launcher: DictConfig) -> Request:
+    """The request that `make_executor` turns ``launcher`` (``launcher=slurm``) into."""
+    mem = {**_mem(launcher.get("mem")), **_plain(launcher.get("additional_parameters"), {})}.get("mem")
+    return Request(nodes=int(launcher.nodes), tasks_per_node=int(launcher.tasks_per_node),
+                   cpus_per_task=int(launcher.cpus_per_task), gpus_per_node=int(launcher.get("gpus_per_node") or 0),
+                   mem=str(mem) if mem else None, partition=str(launcher.partition) if launcher.get("partition") else None)
+
+
+def partition_offer(partition: str | None) -> Offer | None:
+    """What ``partition`` (None: the default one) offers, from ``sinfo``; None when unknown."""
+    if shutil.which("sinfo") is None:
+        return None
+    table = _run(["sinfo", "-h", "-o", "%P|%s|%B"])
+    if table is None:
+        return None
+    chosen = None
+    for line in table.splitlines():  # "debug*|1-infinite|UNLIMITED"; "*" marks the default
+        fields = line.strip().split("|")
+        if len(fields) == 3 and (fields[0].rstrip("*") == partition or (partition is None and fields[0].endswith("*"))):
+            chosen = fields
+            break
+    if chosen is None:  # no such partition: sbatch says so itself
+        return None
+    name = chosen[0].rstrip("*")
+    listing = _run(["sinfo", "-h", "-N", "-p", name, "-o", "%N|%c|%m|%G"])
+    everything = _run(["sinfo", "-h", "-N", "-o", "%N"])
+    if listing is None or everything is None:
+        return None
+    nodes: dict[str, Node] = {}
+    for line in listing.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 4 and fields[1].isdigit():
+            nodes[fields[0]] = Node(fields[0], int(fields[1]), _limit(fields[2]) or 0, _gpus(fields[3]))
+    return Offer(name, tuple(nodes.values()), max_nodes=_limit(chosen[1].rpartition("-")[2]),
+                 max_cpus_per_node=_limit(chosen[2]), known_nodes=frozenset(everything.split()))
+
+
+def request_problems(request: Request, offer: Offer) -> list[str]:
+    """Why ``offer`` can never hold ``request`` (empty: it can)."""
+    part, nodes, problems = offer.partition, offer.nodes, []
+    if offer.max_nodes is not None and request.nodes > offer.max_nodes:
+        problems.append(f"nodes={request.nodes}, but partition {part} allows at most {offer.max_nodes} per job")
+    if request.nodes > len(nodes):
+        problems.append(f"nodes={request.nodes}, but partition {part} has {len(nodes)}")
+    if not nodes:
+        return problems
+    cpus = max(offer.cpus_of(n) for n in nodes)
+    if request.cpus_per_node > cpus:
+        problems.append(f"tasks_per_node x cpus_per_task = {request.tasks_per_node} x {request.cpus_per_task} = "
+                        f"{request.cpus_per_node} CPUs per node, but the largest node of partition {part} "
+                        f"has {cpus} CPUs")
+    mem = request.mem_mb
+    if mem is not None and mem > max(n.mem_mb for n in nodes):
+        problems.append(f"mem={request.mem} ({mem}M) per node, but the largest node of partition {part} has "
+                        f"{max(n.mem_mb for n in nodes)}M")
+    if request.gpus_per_node > max(n.gpus for n in nodes):
+        problems.append(f"gpus_per_node={request.gpus_per_node}, but the nodes of partition {part} have at most "
+                        f"{max(n.gpus for n in nodes)} GPUs")
+    fitting = sum(offer.fits(n, request) for n in nodes)
+    if not problems and fitting < request.nodes:
+        problems.append(f"nodes={request.nodes}, but only {fitting} node(s) of partition {part} have "
+                        f"{request.cpus_per_node} CPUs, {request.gpus_per_node} GPUs and "
+                        f"{request.mem or 'the default'} memory together")
+    return problems
+
+
+def never_starts(reason: str, request: Request, offer: Offer | None) -> str | None:
+    """Why a job pending with ``reason`` (squeue's ``%r``) can never start; None if it may.
+
+    Final: the reasons of ``_FINAL_REASONS``, ``ReqNodeNotAvail`` naming a node the cluster
+    does not have, and any reason when the request is larger than what the partition offers.
+    Others (Priority, Resources, BeginTime, Dependency, JobHeldUser, ...) may clear.
+    """
+    code = reason.split(",")[0].split("(")[0].strip()
+    problems = request_problems(request, offer) if offer is not None else []
+    detail = "; ".join(problems)
+    if code in _FINAL_REASONS:
+        return f"pending with reason {code} ({_FINAL_REASONS[code]})" + (f": {detail}" if detail else "")
+    if code == "ReqNodeNotAvail" and offer is not None and offer.known_nodes:
+        named = re.search(r"Unavailable(?:Nodes)?:([^\s)]+)", reason)
+        missing = [n for n in _hostnames(named.group(1)) if n not in offer.known_nodes] if named else []
+        if missing:
+            return f"pending with reason ReqNodeNotAvail: no node named {', '.join(missing)} in the cluster"
+    if problems:
+        return f"pending with reason {code or 'None'}, but the request can never fit: {detail}"
+    return None
+
+
+def cannot_start_message(why: str, request: Request, offer: Offer | None, job_id: str | None = None) -> str:
+    """The report of a job that SLURM can never start (``job_id``: it was submitted and cancelled)."""
+    head = (f"halo-submit: SLURM can never start job {job_id}: {why}" if job_id else
+            f"halo-submit: SLURM can never start this job, not submitting it: {why}")
+    offered = offer.describe() if offer is not None else "what the partition offers is unknown (no sinfo answer)"
+    tail = (f"halo-submit: cancelled job {job_id}; change" if job_id else "halo-submit: change")
+    return "\n".join([
+        head,
+        f"halo-submit:   requested: {request.describe(offer.partition if offer else None)}",
+        f"halo-submit:   {offered}",
+        f"{tail} launcher.nodes, launcher.tasks_per_node, launcher.cpus_per_task, launcher.gpus_per_node, "
+        f"launcher.mem or launcher.partition",
+    ])
+
+
+def _queue_state(job_id: str) -> tuple[str, str] | None:
+    """``(state, reason)`` of a job from ``squeue`` (``("PENDING", "Priority")``); None if not listed."""
+    text = _run(["squeue", "-h", "-j", str(job_id), "-o", "%T %r"])
+    first = text.strip().splitlines()[0].split(" ", 1) if text and text.strip() else None
+    return (first[0], first[1].strip() if len(first) > 1 else "") if first else None
+
+
+class StatusLine:
+    """The job's state (and pending reason) lines: on every change, and every ``every_s`` while pending."""
+
+    def __init__(self, job_id: str, every_s: float = 60.0, repeat_running: bool = False) -> None:
+        self.job_id, self.every_s, self.repeat_running = job_id, float(every_s), repeat_running
+        self._last: tuple[str, str] | None = None
+        self._at = 0.0
+
+    def update(self, state: str, reason: str, now: float) -> str | None:
+        """The line to print now, or None."""
+        current = (state, reason if state == "PENDING" else "")
+        repeat = state == "PENDING" or self.repeat_running
+        if current == self._last and not (repeat and now - self._at >= self.every_s):
+            return None
+        self._last, self._at = current, now
+        shown = f"{state} (reason {reason})" if current[1] else state
+        return f"halo-submit: job {self.job_id} {shown}"
+
+
+class _Watch:
+    """Follows a submitted SLURM job's queue state: prints it, and says when it can never start."""
+
+    def __init__(self, job: submitit.Job, request: Request, out: Any, every_s: float, follow: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.job, self.request, self.out, self.clock = job, request, out, clock
+        self.status = StatusLine(str(job.job_id), every_s, repeat_running=not follow)
+        self.offer: Offer | None = None
+        self._reason: str | None = None
+
+    def poll(self) -> str | None:
+        """Print the state if due; return why the job can never start, or None."""
+        queued = _queue_state(self.job.job_id)
+        if queued is None:  # not in squeue (yet, or any more): submitit's view (sacct), no reason
+            state, reason = _state(self.job), ""
+        else:
+            state, reason = queued
+        line = self.status.update(state, reason, self.clock())
+        if line:
+            print(line, file=self.out, flush=True)
+        if state != "PENDING":
+            return None
+        if reason != self._reason:  # the partition may have changed too: look again
+            self._reason, self.offer = reason, partition_offer(self.request.partition)
+        return never_starts(reason, self.request, self.offer)
+
+
 def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -232,6 +538,13 @@ def submit(cfg: DictConfig, run_dir: str | os.PathLike[str], out: Any = None) ->
         print(f"halo-submit: {ntasks} task(s) (launcher.nodes x launcher.tasks_per_node) is not a multiple of "
               f"mesh.rows x mesh.cols = {group}; change one of them", file=sys.stderr, flush=True)
         return 2
+    request = slurm_request(launcher) if launcher.name == "slurm" else None
+    if request is not None and bool(launcher.get("check_request", True)):  # refuse what can never start
+        offer = partition_offer(request.partition)
+        problems = request_problems(request, offer) if offer is not None else []
+        if problems:
+            print(cannot_start_message("; ".join(problems), request, offer), file=sys.stderr, flush=True)
+            return 2
     payload = OmegaConf.to_container(cfg, resolve=True)
     executor = make_executor(launcher, run_dir / "submitit" / "%j")
     try:
@@ -250,6 +563,8 @@ def submit(cfg: DictConfig, run_dir: str | os.PathLike[str], out: Any = None) ->
     print(f"halo-submit: logs in {folder} (rank 0: {first.stdout}, {first.stderr})", file=out, flush=True)
     follow, poll_s = bool(launcher.get("follow", True)), float(launcher.get("poll_s", 2.0))
     offset = 0
+    watch = (_Watch(job, request, out, float(launcher.get("status_every_s", 60)), follow)
+             if request is not None else None)
     try:
         while True:
             done = job.done()
@@ -257,6 +572,12 @@ def submit(cfg: DictConfig, run_dir: str | os.PathLike[str], out: Any = None) ->
                 offset = _copy_new(first.stdout, offset, out)
             if done:
                 break
+            why = watch.poll() if watch is not None else None
+            if why is not None:  # it would pend forever: say why, and do not leave it queued
+                job.cancel(check=False)
+                print(cannot_start_message(why, request, watch.offer, str(job.job_id)),  # type: ignore[arg-type]
+                      file=sys.stderr, flush=True)
+                return 2
             time.sleep(poll_s)
         results = job.results()
     except KeyboardInterrupt:

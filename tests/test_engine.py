@@ -302,3 +302,41 @@ def test_frozen_stages_keep_no_activations_and_stay_in_eval() -> None:
     assert all(p.grad is None for p in model.trunk.parameters())
     with pytest.raises(ValueError, match="the trunk has"):
         model.freeze(len(model.trunk) + 1)
+
+
+# -- streaming evaluation ---------------------------------------------------------------------------
+def _run_watching_maps(csv_path: str, run_dir: str, extra: list[str]) -> dict:
+    """``_run``, checking at each heatmap written that no earlier slide's map is still alive."""
+    import gc
+    import weakref
+
+    from halo import evaluate
+    from halo.engine import Engine
+
+    alive_at_write: list[int] = []
+    refs: list = []
+    save = evaluate.save_heatmap
+    import halo.engine as engine_module
+
+    def spy(path, plan, score, **kw):
+        gc.collect()
+        alive_at_write.append(sum(r() is not None for r in refs))
+        refs.append(weakref.ref(score.base if score.base is not None else score))
+        return save(path, plan, score, **kw)
+
+    engine_module.save_heatmap = spy
+    try:
+        out = _run(csv_path, run_dir, extra)
+    finally:
+        engine_module.save_heatmap = save
+    gc.collect()
+    return {**out, "alive_at_write": alive_at_write, "alive_after": sum(r() is not None for r in refs)}
+
+
+@pytest.mark.timeout(300)
+def test_validation_keeps_no_heatmap_once_written(pool1, tmp_path: Path) -> None:
+    cohort = _write_cohort(tmp_path, {n: s for n, s in zip("abcdefgh", ["train"] * 2 + ["val"] * 6)})
+    out = pool1.run(_run_watching_maps, str(cohort), str(tmp_path / "run"), [])[0]
+    assert len(out["alive_at_write"]) == 6, out["alive_at_write"]  # one heatmap per validation slide
+    assert out["alive_at_write"] == [0] * 6 and out["alive_after"] == 0, out  # memory flat in the slide count
+    assert len(list((tmp_path / "run" / "heatmaps").glob("*.png"))) == 6

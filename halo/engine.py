@@ -414,7 +414,7 @@ class Engine:
             loss_sum, seen = self._train_epoch(ddp, opt, sched, train_ds, epoch, steps_per_epoch, accumulate, weights)
             trained_s = time.time() - started
             state["slides_seen"] += seen
-            metrics, rows, _ = self._evaluate(val_ds, heatmaps=False)
+            metrics, rows = self._evaluate(val_ds, heatmaps=False)
             record = {"epoch": epoch + 1, "train_loss": loss_sum, **{f"val_{k}": v for k, v in metrics.items() if k != "confusion"},
                       "lr": sched.get_last_lr()[0], "slides_seen": state["slides_seen"], "seconds": round(time.time() - started, 2)}
             state["history"].append(record)
@@ -485,10 +485,19 @@ class Engine:
 
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()
-    def _evaluate(self, ds: SlideDataset, heatmaps: bool) -> tuple[dict[str, float], list[dict], list]:
+    def _evaluate(self, ds: SlideDataset, heatmaps: bool) -> tuple[dict[str, float], list[dict]]:
+        """Predict every slide of ``ds``, streaming: each slide's map is gathered within its image
+        group only, and the group's first rank writes its heatmap at once and keeps nothing of it;
+        only the prediction rows (a few numbers per slide) are gathered over the world."""
         self.model.eval()
         mine = group_steps(list(range(len(ds))), self.mesh.data, self.group)
-        rows, maps = [], []
+        first = self.mesh.coords[1:] == (0, 0)
+        rows = []
+        bar = None
+        if self.is_main and self.cfg.train.progress and mine:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(mine), desc=f"predict {ds.split or 'all'}", unit="slide", dynamic_ncols=True)
         for index, weight in mine:
             x = self._block(ds, index, None)
             ok = self._agree(x is not None)
@@ -498,21 +507,24 @@ class Engine:
                 logits = self.model(x).float()
             head_map = getattr(self.model.head, "last_map", None)
             if heatmaps and head_map is not None:
-                full = halo.gather(head_map.float(), self.mesh)
-                if weight > 0:
-                    maps.append((index, full[0].cpu().numpy()))
-            if ok[self.group] and weight > 0 and self.mesh.coords[1:] == (0, 0):
+                full = halo.gather(head_map.float(), self.mesh)  # a collective of the image group
+                if first and weight > 0 and ok[self.group]:
+                    self._heatmap(ds, index, full[0].cpu().numpy())
+                del full
+            if ok[self.group] and weight > 0 and first:
                 item = ds.rows[index]
                 rows.append({"slide": item.slide_id, "index": index, "split": item.split, "label": item.label,
                              "probs": torch.softmax(logits[0], 0).cpu().tolist()})
-        everything = _all_gather((rows, maps if heatmaps else []))
-        unique = {r["slide"]: r for part, _ in everything for r in part}
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        unique = {r["slide"]: r for part in _all_gather(rows) for r in part}
         all_rows = list(unique.values())
-        all_maps = {i: m for _, part in everything for i, m in part}
         metrics: dict[str, float] = {}
         if all_rows:
             metrics = slide_metrics([r["label"] for r in all_rows], np.array([r["probs"] for r in all_rows]), len(self.classes))
-        return metrics, all_rows, list(all_maps.items())
+        return metrics, all_rows
 
     def _write_metrics(self, history: list[dict]) -> None:
         keys = list(dict.fromkeys(k for r in history for k in r))
@@ -522,20 +534,19 @@ class Engine:
     def _write_predictions(self, rows: list[dict]) -> None:
         write_predictions(self.run_dir / "predictions.csv", rows, self.classes)
 
-    def _heatmaps(self, ds: SlideDataset, maps: list) -> None:
-        out = self.run_dir / "heatmaps"
-        for index, m in maps:
-            item = ds.rows[index]
-            score = m[-1] if m.shape[0] > 1 else m[0]  # positive class (CAM) or attention weights
-            label = "attention" if m.shape[0] == 1 else f"{self.classes[-1]} score"
-            save_heatmap(out / f"{slide_file_name(item.slide_id)}.png", ds.plan(index), score, mask_path=item.mask, label=label,
-                         title=f"{item.slide_id} (label {self.classes[item.label]})")
+    def _heatmap(self, ds: SlideDataset, index: int, m: np.ndarray) -> None:
+        """Write ``heatmaps/<key>.png`` of slide ``index`` from its whole map ``(C, h, w)``."""
+        item = ds.rows[index]
+        score = m[-1] if m.shape[0] > 1 else m[0]  # positive class (CAM) or attention weights
+        label = "attention" if m.shape[0] == 1 else f"{self.classes[-1]} score"
+        save_heatmap(self.run_dir / "heatmaps" / f"{slide_file_name(item.slide_id)}.png", ds.plan(index), score,
+                     mask_path=item.mask, label=label, title=f"{item.slide_id} (label {self.classes[item.label]})")
 
     def _finish(self, state: dict, val_ds: SlideDataset, test_ds: SlideDataset) -> dict[str, Any]:
         best = self.run_dir / "checkpoints" / "best.pt"
         if best.is_file():
             self.model.load_state_dict(load_checkpoint(best)["model_state"])
-        metrics, rows, maps = self._evaluate(val_ds, heatmaps=bool(self.cfg.train.heatmaps))
+        metrics, rows = self._evaluate(val_ds, heatmaps=bool(self.cfg.train.heatmaps))
         test: tuple | None = None
         if len(test_ds):  # held-out rows: predicted once, with the best checkpoint
             test = self._evaluate(test_ds, heatmaps=bool(self.cfg.train.heatmaps))
@@ -550,10 +561,8 @@ class Engine:
             summary["test"] = {"slides": len(test[1]), **test[0]}
         if self.is_main:
             self._write_predictions(rows)
-            self._heatmaps(val_ds, maps)
             if test is not None:
                 write_predictions(self.run_dir / "test_predictions.csv", test[1], self.classes)
-                self._heatmaps(test_ds, test[2])
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         dist.barrier()
         return summary
@@ -594,13 +603,12 @@ class Engine:
         check_signature(ckpt, self.signature, self.cfg.checkpoint)
         self.model.load_state_dict(ckpt["model_state"])
         ds = self._dataset(None, validate=True)
-        metrics, rows, maps = self._evaluate(ds, heatmaps=bool(self.cfg.train.heatmaps))
+        metrics, rows = self._evaluate(ds, heatmaps=bool(self.cfg.train.heatmaps))
         self._write_slides()
         summary = {"mode": "predict", "checkpoint": str(self.cfg.checkpoint), "slides": len(rows),
                    "metrics": {k: v for k, v in metrics.items()}}
         if self.is_main:
             self._write_predictions(rows)
-            self._heatmaps(ds, maps)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         dist.barrier()
         return summary

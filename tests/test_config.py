@@ -1,0 +1,91 @@
+"""The typed config: types and keys are checked when Hydra composes, before anything runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from halo.train import CONF_DIR
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.epochs=three", "train.epochs"),
+    ("mesh.rows=two", "mesh.rows"),
+    ("train.lr=fast", "train.lr"),
+    ("data.tissue.margin=wide", "data.tissue.margin"),
+    ("train.checkpointing=maybe", "train.checkpointing"),
+])
+def test_a_wrong_type_is_refused_at_composition_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
+        _compose(override)
+    text = f"{err.value} {err.value.__cause__}"
+    assert key.split(".")[-1] in text and override.split("=")[1] in text, text
+
+
+@pytest.mark.parametrize("override", ["train.epoch=3", "data.tissue.margni=0.1", "mesh.depth=2"])
+def test_an_unknown_key_is_refused(override: str) -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(override)
+    assert override.split("=")[0].split(".")[-1] in f"{err.value} {err.value.__cause__}"
+
+
+@pytest.mark.parametrize("override,key,allowed", [
+    ("train.optimizer=adam", "train.optimizer", "adamw"),
+    ("train.schedule=linear", "train.schedule", "onecycle"),
+    ("train.trunk=half", "train.trunk", "frozen"),
+    ("mode=eval", "mode", "predict"),
+    ("dist.backend=mpi", "dist.backend", "gloo"),
+    ("head.name=lse", "head.name", "attention"),
+])
+def test_a_choice_outside_its_values_is_refused_before_running(override: str, key: str, allowed: str) -> None:
+    from halo.config import check
+
+    with pytest.raises(ValueError) as err:
+        check(_compose(override))
+    assert key in str(err.value) and allowed in str(err.value) and override.split("=")[1] in str(err.value)
+
+
+def test_every_data_option_is_reachable_and_reaches_the_data_path() -> None:
+    from halo.config import augment_options, tissue_options
+    from halo.data import Augment, TissueOptions
+
+    cfg = _compose("data.tissue.margin=0.07", "data.tissue.enabled=false", "data.augment.hed_sigma=0.2",
+                   "data.augment.rot90=false", "data.stain_normalize=true")
+    tissue = tissue_options(cfg.data)
+    assert isinstance(tissue, TissueOptions) and tissue.margin == 0.07 and tissue.enabled is False
+    augment = augment_options(cfg.data)
+    assert isinstance(augment, Augment) and augment.hed_sigma == 0.2 and augment.rot90 is False
+    assert cfg.data.stain_normalize is True
+    # every field of the data path's option classes has a config key of the same name and default
+    defaults = _compose().data
+    for cls, node in ((TissueOptions, defaults.tissue), (Augment, defaults.augment)):
+        for f in dataclasses.fields(cls):
+            assert f.name in node, f"{cls.__name__}.{f.name} cannot be set from config"
+            assert node[f.name] == f.default, (cls.__name__, f.name)
+    assert _compose("data.augment.enabled=false").data.augment.enabled is False
+
+
+def test_every_field_is_documented_in_one_line() -> None:
+    from halo.config import SCHEMAS
+
+    for schema in SCHEMAS:
+        for f in dataclasses.fields(schema):
+            doc = f.metadata.get("doc", "")
+            assert doc and "\n" not in doc, f"{schema.__name__}.{f.name} has no one-line doc"
+
+
+def test_the_experiment_presets_compose() -> None:
+    presets = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+    assert "resnet50_2x2" in presets
+    cfg = _compose("experiment=resnet50_2x2")
+    assert (cfg.model.name, cfg.mesh.rows, cfg.mesh.cols, cfg.train.checkpointing) == ("resnet50", 2, 2, True)

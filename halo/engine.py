@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import halo
 from halo.checkpoint import check_signature, load_checkpoint, save_atomic, signature
 from halo.checkpoint import FORMAT as CKPT_FORMAT
-from halo.data import Augment, ManifestError, Prefetcher, SlideDataset
+from halo.config import augment_options, tissue_options
+from halo.data import ManifestError, Prefetcher, SlideDataset
 from halo.data.dataset import slide_file_name
 from halo.errors import InputError
 from halo.evaluate import save_heatmap, slide_metrics, write_predictions
@@ -173,6 +174,7 @@ class Engine:
         self.group = self.mesh.coords[0]
         self.classes = list(cfg.data.classes)
         self._records: dict[str, dict[str, Any]] = {}  # slide key -> what this rank read (slides.csv)
+        self._augment = augment_options(cfg.data)
         self.run_dir = self._claim(self.run_dir)
         torch.manual_seed(int(cfg.train.seed))  # the same initial weights on every rank
         self.model = build_classifier(
@@ -247,6 +249,7 @@ class Engine:
             classes=self.classes, grid=(self.mesh.rows, self.mesh.cols), multiple=self.multiple, mpp=data.mpp,
             level=data.level, split=split, strict=bool(data.strict), root=data.root, record_dir=self.run_dir,
             val_fraction=float(data.val_fraction), seed=int(data.split_seed),
+            tissue=tissue_options(data), stain_normalize=bool(data.stain_normalize),
         )
         csv = self._csv()
         problem = None
@@ -266,7 +269,7 @@ class Engine:
         return SlideDataset(csv, **kwargs, validate=False)
 
     def _block(self, ds: SlideDataset, index: int, augment_seed: int | None) -> torch.Tensor | None:
-        spec = Augment().draw(augment_seed) if augment_seed is not None and self.cfg.data.augment else None
+        spec = self._augment.draw(augment_seed) if augment_seed is not None and self.cfg.data.augment.enabled else None
         _, row, col = self.mesh.coords
         started = time.perf_counter()
         block = ds.read_block_safe(index, row, col, augment=spec)

@@ -23,6 +23,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from halo.config import check  # also registers the typed schema (halo_schema) with Hydra
+
 __all__ = ["run", "main", "run_id"]
 
 log = logging.getLogger("halo.train")
@@ -62,6 +64,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None, env=None
 
     from halo.engine import Engine
 
+    check(cfg)  # a value outside its choices stops here, before any process group or file
     env = env or init_distributed(backend=cfg.dist.backend, timeout_s=float(cfg.dist.timeout_s))
     run_dir = Path(run_dir) if run_dir is not None else _run_dir(cfg)
     engine = Engine(cfg, env, run_dir)

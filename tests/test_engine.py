@@ -59,7 +59,7 @@ def _run(csv_path: str, run_dir: str, extra: list[str]) -> dict:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[
             "data=csv", f"data.csv={csv_path}", "data.classes=[normal,tumour]", "data.mpp=1.0", "mesh=1x1",
-            "train.epochs=1", "train.progress=false", "train.threads=1", "data.augment=false", *extra,
+            "train.epochs=1", "train.progress=false", "train.threads=1", "data.augment.enabled=false", *extra,
         ])
     records: list[str] = []
 

@@ -1,0 +1,214 @@
+"""The typed config of ``halo-train`` / ``halo-submit``: one dataclass per config group.
+
+The dataclasses are registered in Hydra's ``ConfigStore`` as ``halo_schema`` and come first in
+``conf/config.yaml``'s defaults list, so every YAML file in ``conf/`` only chooses and
+overrides: a value of the wrong type (``train.epochs=three``) or an unknown key
+(``train.epoch=3``) is refused by Hydra when it composes, naming the key, before anything runs.
+Each field is documented in one line (``metadata["doc"]``). Values that must be one of a few
+names are strings, checked by :func:`check` at the start of a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+__all__ = [
+    "ModelConfig", "HeadConfig", "TissueConfig", "AugmentConfig", "DataConfig", "MeshConfig", "TrainConfig",
+    "DistConfig", "LauncherConfig", "Config", "SCHEMAS", "CHOICES", "check", "tissue_options",
+    "augment_options", "register",
+]
+
+
+def doc(text: str, default: Any = MISSING, factory: Any = None) -> Any:
+    """A dataclass field with its one-line documentation."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class ModelConfig:
+    name: str = doc("a torchvision classification model, timm:<name>, or halo_tiny[_WIDTH]", "halo_tiny")
+    num_classes: int = doc("classes of the slide label (data.classes names them)", 2)
+    weights: Optional[str] = doc("a state-dict path of the backbone (timm or torchvision keys); nothing is downloaded", None)
+
+
+@dataclass
+class HeadConfig:
+    name: str = doc("slide head: max, mean, attention (gated, Ilse et al. 2018) or topk (Courtiol et al. 2018)", "max")
+    options: dict[str, Any] = doc("keyword arguments of the head's class (halo.nn.heads)", factory=dict)
+
+
+@dataclass
+class TissueConfig:
+    enabled: bool = doc("find the tissue on a thumbnail and read only its bounding box", True)
+    thumb_size: int = doc("longest side of the thumbnail tissue is found on, pixels", 1024)
+    floor: float = doc("saturation threshold ceiling in [0, 1]: the threshold is min(otsu, floor)", 8 / 255)
+    min_object_fraction: float = doc("tissue objects smaller than this fraction of the thumbnail are dropped", 1e-4)
+    margin: float = doc("margin around the tissue box, as a fraction of the slide's longer side", 0.02)
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = doc("augment training blocks (drawn alike on every rank of an image)", True)
+    flips: bool = doc("a left-right flip with probability 1/2", True)
+    rot90: bool = doc("0-3 quarter turns, uniformly", True)
+    hed_sigma: float = doc("stain scale from U(1 - hed_sigma, 1 + hed_sigma) per stain (HED space)", 0.05)
+    hed_bias: float = doc("stain shift from U(-hed_bias, hed_bias) per stain", 0.01)
+    brightness: float = doc("brightness shift from U(-brightness, brightness), a fraction of 255", 0.05)
+    contrast: float = doc("contrast factor from U(1 - contrast, 1 + contrast)", 0.1)
+
+
+@dataclass
+class DataConfig:
+    kind: str = doc("synthetic (the embedded cohort, generated on first use) or csv (your slides)", "synthetic")
+    root: Optional[str] = doc("directory relative slide paths are resolved against (null: the CSV's)", None)
+    csv: str = doc("the cohort CSV: slide, label, optional split, patient, slide_id, mpp, level, mask")
+    classes: list[str] = doc("class names; a label is a name or an index into this list")
+    slides: int = doc("synthetic only: slides in the generated cohort", 40)
+    seed: int = doc("synthetic only: seed of the generated cohort", 0)
+    mpp: Optional[float] = doc("microns per pixel to train at (the matching level, or the next finer resampled)", None)
+    level: Optional[int] = doc("pyramid level for slides without a usable mpp (or all, with mpp null)", None)
+    strict: bool = doc("a slide unreadable mid-run stops the run (true) or is skipped and recorded (false)", False)
+    val_fraction: float = doc("no split column: this fraction of each class's patients is validation", 0.25)
+    split_seed: int = doc("seed of that split", 0)
+    stain_normalize: bool = doc("Macenko-normalise every block with stains fitted on the slide's thumbnail", False)
+    tissue: TissueConfig = doc("tissue detection (halo.data.TissueOptions)", factory=TissueConfig)
+    augment: AugmentConfig = doc("training augmentation (halo.data.Augment)", factory=AugmentConfig)
+
+
+@dataclass
+class MeshConfig:
+    rows: int = doc("ranks sharing one image, along its height", 2)
+    cols: int = doc("ranks sharing one image, along its width", 1)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = doc("passes over the training slides", 8)
+    lr: float = doc("peak learning rate of the head (the trunk's: lr * trunk_lr_scale)", 2e-3)
+    optimizer: str = doc("adamw or sgd", "adamw")
+    momentum: float = doc("sgd only: momentum", 0.9)
+    weight_decay: float = doc("decoupled (adamw) or L2 (sgd) weight decay", 1e-4)
+    schedule: str = doc("onecycle, cosine or constant, stepped per optimizer step", "onecycle")
+    warmup_fraction: float = doc("onecycle only: fraction of the steps spent warming up", 0.1)
+    accumulate: int = doc("slides per optimizer step, per image group", 1)
+    class_weights: bool = doc("weigh the loss by inverse class frequency", True)
+    seed: int = doc("seed of the initial weights, the slide order and the augmentation", 0)
+    resume: bool = doc("continue from checkpoints/last.pt of the run directory", False)
+    overwrite: bool = doc("train into a directory that holds checkpoints: remove its results first", False)
+    bf16: bool = doc("autocast to bfloat16 on CUDA (ignored on CPU)", True)
+    checkpointing: bool = doc("recompute each trainable trunk stage in backward (less memory)", False)
+    freeze_bn: bool = doc("keep batch-norm statistics fixed (eval-mode BN)", False)
+    trunk: str = doc("train, or frozen (eval mode, no gradients: only the head trains)", "train")
+    freeze_stages: int = doc("the first N trunk stages frozen (with trunk=train)", 0)
+    unfreeze_at: Optional[int] = doc("epoch (1-based) from which the frozen stages train too; DDP is rebuilt", None)
+    trunk_lr_scale: float = doc("trunk learning rate relative to the head's", 1.0)
+    heatmaps: bool = doc("write heatmaps/<key>.png of every validation, test and predicted slide", True)
+    progress: bool = doc("tqdm progress bars on rank 0", True)
+    threads: Optional[int] = doc("torch threads per rank (null: cores / ranks on this node)", None)
+
+
+@dataclass
+class DistConfig:
+    backend: str = doc("auto (nccl with CUDA, else gloo), nccl or gloo", "auto")
+    timeout_s: float = doc("how long a rank waits for a lost peer before the job exits non-zero", 300.0)
+
+
+@dataclass
+class LauncherConfig:
+    name: str = doc("local (processes here, through submitit) or slurm (an sbatch job)", "local")
+    nodes: int = doc("slurm: nodes", 1)
+    tasks_per_node: int = doc("ranks per node: one per GPU", 2)
+    gpus_per_node: int = doc("GPUs per node (0: a CPU job)", 0)
+    cpus_per_task: int = doc("slurm: CPUs per rank, also its OMP_NUM_THREADS", 8)
+    partition: Optional[str] = doc("slurm: partition (null: the cluster's default)", None)
+    timeout_min: int = doc("the job's time limit, minutes", 1440)
+    mem: Optional[str] = doc("slurm: --mem, e.g. 64G (null: the partition's default)", None)
+    account: Optional[str] = doc("slurm: --account", None)
+    qos: Optional[str] = doc("slurm: --qos", None)
+    constraint: Optional[str] = doc("slurm: --constraint", None)
+    job_name: str = doc("slurm: the job's name", "halo")
+    signal_delay_s: int = doc("seconds between the requeue signal and the kill at the time limit", 60)
+    max_requeues: int = doc("time-outs and preemptions that requeue the job (it resumes from last.pt)", 3)
+    srun_args: list[str] = doc("slurm: extra srun arguments", factory=lambda: ["--kill-on-bad-exit=1"])
+    additional_parameters: dict[str, Any] = doc("slurm: any other sbatch option", factory=dict)
+    setup: list[str] = doc("slurm: shell lines run before srun (module load ...)", factory=list)
+    python: Optional[str] = doc("slurm: the interpreter on the nodes (null: this one)", None)
+    follow: bool = doc("halo-submit copies rank 0's log to its stdout while it waits", True)
+    poll_s: float = doc("how often halo-submit checks the job, seconds", 2.0)
+    check_request: bool = doc("slurm: refuse, before submitting, a request no node of the partition can hold", True)
+    status_every_s: float = doc("slurm: while pending, repeat the job's state and reason this often", 60.0)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = doc("the backbone (conf/model)", factory=ModelConfig)
+    head: HeadConfig = doc("the slide head (conf/head)", factory=HeadConfig)
+    data: DataConfig = doc("the cohort and how it is read (conf/data)", factory=DataConfig)
+    mesh: MeshConfig = doc("ranks per image (conf/mesh)", factory=MeshConfig)
+    train: TrainConfig = doc("optimisation, checkpoints, trunk modes (conf/train)", factory=TrainConfig)
+    dist: DistConfig = doc("torch.distributed (conf/dist)", factory=DistConfig)
+    launcher: LauncherConfig = doc("halo-submit's job (conf/launcher)", factory=LauncherConfig)
+    mode: str = doc("train or predict", "train")
+    checkpoint: Optional[str] = doc("predict: the checkpoint (best.pt / last.pt) to load", None)
+    run_dir: Optional[str] = doc("the run directory when not under @hydra.main (tests); else hydra.run.dir", None)
+
+
+SCHEMAS = (ModelConfig, HeadConfig, TissueConfig, AugmentConfig, DataConfig, MeshConfig, TrainConfig, DistConfig,
+           LauncherConfig, Config)
+"""Every dataclass of the config, for documentation and tests."""
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("train", "predict"),
+    "data.kind": ("synthetic", "csv"),
+    "head.name": ("max", "mean", "attention", "topk"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.schedule": ("onecycle", "cosine", "constant"),
+    "train.trunk": ("train", "frozen"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+    "launcher.name": ("local", "slurm"),
+}
+"""Keys whose value must be one of a few names."""
+
+
+def check(cfg: DictConfig) -> DictConfig:
+    """Refuse a value outside :data:`CHOICES`, naming the key and what it may be; returns ``cfg``.
+
+    Raises
+    ------
+    ValueError
+    """
+    from omegaconf import OmegaConf
+
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and str(value) not in allowed:
+            raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    return cfg
+
+
+def tissue_options(data: DictConfig):
+    """``data.tissue`` as :class:`halo.data.TissueOptions`."""
+    from halo.data import TissueOptions
+
+    return TissueOptions(**{k: data.tissue[k] for k in data.tissue})
+
+
+def augment_options(data: DictConfig):
+    """``data.augment`` as :class:`halo.data.Augment` (``enabled`` decides whether it is used)."""
+    from halo.data import Augment
+
+    return Augment(**{k: data.augment[k] for k in data.augment if k != "enabled"})
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore as ``halo_schema`` (idempotent)."""
+    ConfigStore.instance().store(name="halo_schema", node=Config)
+
+
+register()

@@ -48,7 +48,7 @@ def test_an_unknown_key_is_refused(override: str) -> None:
     ("head.name=lse", "head.name", "attention"),
 ])
 def test_a_choice_outside_its_values_is_refused_before_running(override: str, key: str, allowed: str) -> None:
-    from halo.config import check
+    from halo.train.config import check
 
     with pytest.raises(ValueError) as err:
         check(_compose(override))
@@ -56,7 +56,7 @@ def test_a_choice_outside_its_values_is_refused_before_running(override: str, ke
 
 
 def test_every_data_option_is_reachable_and_reaches_the_data_path() -> None:
-    from halo.config import augment_options, tissue_options
+    from halo.train.config import augment_options, tissue_options
     from halo.data import Augment, TissueOptions
 
     cfg = _compose("data.tissue.margin=0.07", "data.tissue.enabled=false", "data.augment.hed_sigma=0.2",
@@ -76,7 +76,7 @@ def test_every_data_option_is_reachable_and_reaches_the_data_path() -> None:
 
 
 def test_every_field_is_documented_in_one_line() -> None:
-    from halo.config import SCHEMAS
+    from halo.train.config import SCHEMAS
 
     for schema in SCHEMAS:
         for f in dataclasses.fields(schema):

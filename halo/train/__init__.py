@@ -1,0 +1,228 @@
+"""``halo-train``: weakly supervised slide classification, sharded spatially, configured by Hydra.
+
+Every ``rows x cols`` ranks (a spatial group) train on one slide at a time, each reading
+only its own block; ``world / (rows * cols)`` groups take different slides, and DDP
+averages gradients over the whole world, which gives exactly the one-device gradient
+of the mean loss. Rank 0 writes the run directory (``hydra.run.dir``, the same on every
+rank): ``.hydra/config.yaml``, ``metrics.csv``, ``summary.json``, ``predictions.csv``,
+``checkpoints/{last,best}.pt`` and ``heatmaps/*.png``.
+
+``@hydra.main`` is a thin shell around :func:`run`, which tests call directly; :func:`train`
+and :func:`predict` are plain functions of a composed config. The parts, each with one owner:
+
+* :mod:`halo.train.config` - the typed config (one dataclass per group, in Hydra's ConfigStore);
+* :mod:`halo.train.job` - this rank's device, mesh and sharded model;
+* :mod:`halo.train.data` - which slide each image group reads at each step, blocks, ``slides.csv``;
+* :mod:`halo.train.loop` - one training epoch, the optimizer and schedule, the trunk modes;
+* :mod:`halo.train.evaluate` - streaming evaluation: prediction rows and heatmaps;
+* :mod:`halo.train.checkpoint` - save and resume, with every RNG state;
+* :mod:`halo.train.rundir` - the run directory: what is written where, refusal to overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from halo.train.config import check  # also registers the typed schema (halo_schema) with Hydra
+
+__all__ = ["run", "train", "predict", "main", "run_id", "CONF_DIR"]
+
+log = logging.getLogger("halo.train")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def run_id() -> str:
+    """An id that every rank of one launch agrees on, for the default run directory."""
+    for var in ("HALO_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PMI_KVSNAME", "PMIX_NAMESPACE"):
+        value = os.environ.get(var)
+        if value:
+            suffix = os.environ.get("SLURM_ARRAY_TASK_ID") if var == "SLURM_JOB_ID" else None
+            return f"{value}_{suffix}" if suffix else value
+    return time.strftime("%H-%M-%S")
+
+
+if not OmegaConf.has_resolver("halo_run_id"):
+    OmegaConf.register_new_resolver("halo_run_id", run_id, use_cache=True)
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not under @hydra.main: tests call run() with a composed config
+        return Path(cfg.get("run_dir") or "runs/manual")
+
+
+def run(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None, env=None) -> dict[str, Any]:
+    """Train (``mode=train``) or predict (``mode=predict``) as ``cfg`` says; returns the summary.
+
+    Initialises torch.distributed from the environment (torchrun, SLURM, MPI, or a single
+    process) unless it already is.
+    """
+    from launch.env import init_distributed
+
+    check(cfg)  # a value outside its choices stops here, before any process group or file
+    env = env or init_distributed(backend=cfg.dist.backend, timeout_s=float(cfg.dist.timeout_s))
+    run_dir = Path(run_dir) if run_dir is not None else _run_dir(cfg)
+    return (train if cfg.mode == "train" else predict)(cfg, run_dir)
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Train on the cohort's ``train`` rows, choose ``best.pt`` on ``val``, predict ``test``; collective.
+
+    Needs an initialised process group (world 1 works); returns the summary it writes.
+    """
+    import math
+
+    import torch
+
+    from halo.errors import InputError
+    from halo.train import checkpoint, loop
+    from halo.train.data import SlideSource
+    from halo.train.evaluate import evaluate
+    from halo.train.job import start
+    from halo.train.rundir import write_metrics, write_rows, write_summary
+
+    job = start(cfg, run_dir)
+    t, source = cfg.train, SlideSource(job)
+    train_ds = source.dataset("train", validate=True)
+    val_ds = source.dataset("val", validate=False)
+    test_ds = source.dataset("test", validate=False)
+    if len(train_ds) == 0:
+        raise InputError(f"halo-train: no slides with split 'train' in {train_ds.csv_path}")
+    if train_ds.derived_split and job.is_main:
+        log.info("%s has no split column: a patient-level stratified split (data.val_fraction=%g, "
+                 "data.split_seed=%d) gives %d train and %d val slides", train_ds.csv_path, cfg.data.val_fraction,
+                 cfg.data.split_seed, len(train_ds), len(val_ds))
+    if len(val_ds) == 0 and job.is_main:
+        log.warning("no validation slides in %s (no rows with split 'val'): no AUC is measured, and "
+                    "checkpoints/best.pt is the last epoch's weights", train_ds.csv_path)
+    steps_per_epoch = math.ceil(len(train_ds) / job.mesh.data)
+    opt, sched = loop.optimizer(job, math.ceil(steps_per_epoch / max(1, t.accumulate)))
+    weights = (torch.as_tensor(train_ds.class_weights(), dtype=torch.float32, device=job.device)
+               if t.class_weights else None)
+    state = {"epoch": 0, "best_auc": -math.inf, "best_epoch": -1, "slides_seen": 0, "history": []}
+    ckpts = job.run_dir / "checkpoints"
+    if t.resume and (ckpts / "last.pt").is_file():
+        state = checkpoint.restore(job, ckpts / "last.pt", opt, sched)
+    elif t.resume:
+        log.warning("train.resume=true but %s does not exist: starting from scratch", ckpts / "last.pt")
+    ddp = None
+    for epoch in range(state["epoch"], t.epochs):
+        ddp = loop.trunk_mode(job, epoch, ddp)
+        started = time.time()
+        loss, seen = loop.train_epoch(job, source, ddp, opt, sched, train_ds, epoch, weights)
+        trained_s = time.time() - started
+        state["slides_seen"] += seen
+        metrics, rows = evaluate(job, source, val_ds, heatmaps=False)
+        state["history"].append({
+            "epoch": epoch + 1, "train_loss": loss, **{f"val_{k}": v for k, v in metrics.items() if k != "confusion"},
+            "lr": sched.get_last_lr()[0], "slides_seen": state["slides_seen"],
+            "seconds": round(time.time() - started, 2)})
+        auc = metrics.get("auc", math.nan)
+        improved = len(val_ds) == 0 or (not math.isnan(auc) and auc > state["best_auc"])  # no val: the last
+        if improved:
+            state["best_auc"], state["best_epoch"] = auc, epoch + 1
+        state["epoch"] = epoch + 1
+        # best.pt before last.pt: a job stopped in between resumes from the previous last.pt
+        # and redoes this epoch; a last.pt that names a best epoch always has its best.pt
+        checkpoint.save(job, [ckpts / "best.pt", ckpts / "last.pt"] if improved else [ckpts / "last.pt"],
+                        opt, sched, state)
+        source.write_records()
+        if job.is_main:
+            write_metrics(job.run_dir, state["history"])
+            write_rows(job.run_dir, "predictions.csv", rows, job.classes)
+            log.info("epoch %d: %d slides in %.1f s (%.2f slides/s), train loss %.4f, val auc %.3f, "
+                     "balanced acc %.3f", epoch + 1, seen, trained_s, seen / max(trained_s, 1e-9), loss,
+                     auc, metrics.get("balanced_accuracy", math.nan))
+    # the end: the best weights predict validation (with heatmaps) and the held-out test rows
+    if (ckpts / "best.pt").is_file():
+        checkpoint.load_model(job, ckpts / "best.pt")
+    metrics, rows = evaluate(job, source, val_ds, heatmaps=t.heatmaps)
+    test = evaluate(job, source, test_ds, heatmaps=t.heatmaps) if len(test_ds) else None
+    source.write_records()
+    best_auc = state["best_auc"]
+    summary: dict[str, Any] = {
+        "val_auc": best_auc if state["best_epoch"] > 0 and not math.isnan(best_auc) else None,
+        "best_epoch": state["best_epoch"], "slides_seen": state["slides_seen"], "epochs": state["epoch"],
+        "final": dict(metrics), "world_size": _world(), "mesh": [job.mesh.rows, job.mesh.cols],
+        "run_dir": str(job.run_dir),
+    }
+    if test is not None:
+        summary["test"] = {"slides": len(test[1]), **test[0]}
+    if job.is_main:
+        write_rows(job.run_dir, "predictions.csv", rows, job.classes)
+        if test is not None:
+            write_rows(job.run_dir, "test_predictions.csv", test[1], job.classes)
+        write_summary(job.run_dir, summary)
+    _barrier()
+    return summary
+
+
+def predict(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Predict every row of the cohort with ``cfg.checkpoint`` into ``run_dir/predict/<id>/``; collective."""
+    from halo.errors import InputError
+    from halo.train import checkpoint
+    from halo.train.data import SlideSource
+    from halo.train.evaluate import evaluate
+    from halo.train.job import start
+    from halo.train.rundir import write_rows, write_summary
+
+    if not cfg.checkpoint:
+        raise InputError("halo-train: mode=predict needs checkpoint=PATH (a best.pt or last.pt)")
+    job = start(cfg, run_dir)
+    checkpoint.load_model(job, cfg.checkpoint)
+    source = SlideSource(job)
+    ds = source.dataset(None, validate=True)
+    metrics, rows = evaluate(job, source, ds, heatmaps=cfg.train.heatmaps)
+    source.write_records()
+    summary = {"mode": "predict", "checkpoint": str(cfg.checkpoint), "slides": len(rows), "metrics": dict(metrics),
+               "run_dir": str(job.run_dir)}
+    if job.is_main:
+        write_rows(job.run_dir, "predictions.csv", rows, job.classes)
+        write_summary(job.run_dir, summary)
+    _barrier()
+    return summary
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    from launch.env import init_distributed, shutdown
+    from launch.failure import guard
+
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:  # requeued by SLURM: continue, do not restart
+        cfg.train.resume = True
+    env = init_distributed(backend=cfg.dist.backend, timeout_s=float(cfg.dist.timeout_s))
+    with guard(env):  # a failing rank ends the whole job, naming itself; nothing hangs
+        summary = run(cfg, env=env)
+        if env.rank == 0:
+            print(json.dumps({"run_dir": summary.get("run_dir"), "val_auc": summary.get("val_auc")}))
+    shutdown()
+
+
+def main() -> None:
+    """Console script ``halo-train`` (also ``python -m halo.train``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    _hydra_main()

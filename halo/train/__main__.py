@@ -1,0 +1,5 @@
+"""``python -m halo.train``: the same as ``halo-train``."""
+
+from halo.train import main
+
+main()

@@ -1,0 +1,188 @@
+"""Which slide each image group reads at each step, the block this rank reads of it, and
+``slides.csv`` (what was read).
+
+Every image group runs the same number of steps whatever the slide count (:func:`group_steps`),
+so collectives stay in step; a block that fails to read is agreed on by every rank
+(:meth:`SlideSource.agree`) and replaced by zeros with zero loss weight.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from halo.data import ManifestError, SlideDataset
+from halo.errors import InputError
+from halo.train.config import augment_options, tissue_options
+from halo.train.job import Job, all_gather, broadcast
+
+__all__ = ["group_steps", "SLIDE_RECORD", "slide_record", "SlideSource"]
+
+log = logging.getLogger("halo.train")
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def group_steps(order: list[int], groups: int, group: int) -> list[tuple[int, float]]:
+    """The slides image group ``group`` of ``groups`` reads, one per step, each with its loss weight.
+
+    Every group gets ``ceil(len(order) / groups)`` steps, so every group runs the same collectives
+    whatever the slide count; steps past the end of ``order`` repeat slides from its start
+    (cyclically) with weight 0, so each slide of ``order`` counts exactly once.
+    """
+    n = len(order)
+    steps = -(-n // groups) if n else 0
+    return [(order[k % n], 1.0 if k < n else 0.0) for k in (s * groups + group for s in range(steps))]
+
+
+SLIDE_RECORD = {
+    "key": "the slide's key (its CSV entry, or slide_id): predictions and heatmaps are named by it",
+    "path": "the file read",
+    "csv_line": "its line in the CSV (header = 1)",
+    "split": "train, val or test",
+    "label": "its class",
+    "vendor": "OpenSlide's format name (aperio, generic-tiff, dicom, ...)",
+    "reader": "what decoded its pixels (tifffile: the stored level as is; openslide)",
+    "level": "pyramid level read",
+    "level_downsample": "level-0 pixels per pixel of that level",
+    "downsample": "level-0 pixels per training pixel (above level_downsample: box-filtered)",
+    "mpp": "microns per training pixel (empty: unknown)",
+    "region_x": "left of the tissue box read, level-0 pixels",
+    "region_y": "top of the tissue box read, level-0 pixels",
+    "region_width": "width of the tissue box read, level-0 pixels",
+    "region_height": "height of the tissue box read, level-0 pixels",
+    "padded_height": "height of the padded region the model sees, training pixels",
+    "padded_width": "width of the padded region the model sees, training pixels",
+    "block_height": "height of each rank's block",
+    "block_width": "width of each rank's block",
+    "tissue_fraction": "fraction of the slide's thumbnail detected as tissue (empty: detection off)",
+    "read_seconds": "seconds to read one block (the slowest rank of its image group, last read)",
+}
+"""The columns of ``slides.csv``: one row per slide read in the run."""
+
+
+def slide_record(row, plan, classes: list[str]) -> dict[str, Any]:
+    """One ``slides.csv`` row (see :data:`SLIDE_RECORD`) from a manifest row and its region plan."""
+    (bx, by), (bw, bh) = plan.tissue_box
+    pw, ph = plan.padded_size
+    bh_, bw_ = plan.block_shape()
+    mask = plan.thumb_mask
+    return {
+        "key": row.slide_id, "path": row.path, "csv_line": row.line, "split": row.split or "",
+        "label": classes[row.label] if 0 <= row.label < len(classes) else "",
+        "vendor": getattr(plan, "vendor", ""), "reader": getattr(plan, "reader", "openslide"),
+        "level": plan.level, "level_downsample": round(plan.level_downsample, 6),
+        "downsample": round(plan.downsample, 6), "mpp": "" if plan.mpp is None else round(plan.mpp, 6),
+        "region_x": bx, "region_y": by, "region_width": bw, "region_height": bh,
+        "padded_height": ph, "padded_width": pw, "block_height": bh_, "block_width": bw_,
+        "tissue_fraction": "" if mask is None else round(float(mask.mean()), 4), "read_seconds": 0.0,
+    }
+
+
+class SlideSource:
+    """The cohort of a run on this rank: its datasets, this rank's blocks, and their records."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.augment = augment_options(job.cfg.data)
+        self.records: dict[str, dict[str, Any]] = {}  # slide key -> what this rank read
+
+    def csv_path(self) -> str:
+        """The cohort CSV; the synthetic cohort is generated on rank 0 on first use."""
+        data = self.job.cfg.data
+        if data.kind == "synthetic":
+            path = Path(data.csv)
+            if self.job.is_main and not path.is_file():
+                from halo.data.synth import make_cohort
+
+                log.info("generating the synthetic cohort in %s (cached for later runs)", data.root)
+                make_cohort(data.root, slides=data.slides, seed=data.seed)
+            dist.barrier()
+            return str(path)
+        return str(data.csv)
+
+    def dataset(self, split: str | None, validate: bool) -> SlideDataset:
+        """The rows of ``split`` (None: all); with ``validate``, rank 0 checks the whole cohort first.
+
+        Raises
+        ------
+        halo.errors.InputError
+            On every rank, listing every problem of the cohort (printed once by the launcher).
+        """
+        job, data = self.job, self.job.cfg.data
+        kwargs = dict(
+            classes=job.classes, grid=(job.mesh.rows, job.mesh.cols), multiple=job.multiple, mpp=data.mpp,
+            level=data.level, split=split, strict=data.strict, root=data.root, record_dir=job.run_dir,
+            val_fraction=data.val_fraction, seed=data.split_seed, tissue=tissue_options(data),
+            stain_normalize=data.stain_normalize,
+        )
+        path = self.csv_path()
+        problem = None
+        if job.is_main and validate:
+            try:
+                checked = SlideDataset(path, **kwargs, validate=True)
+            except (ManifestError, ValueError, FileNotFoundError) as e:
+                problem = f"{type(e).__name__}: {e}"
+            else:
+                mixed = checked.resolution_warnings()
+                if mixed:
+                    log.warning("%s: %d slide(s) at another resolution than the cohort:\n%s", path, len(mixed),
+                                "\n".join(f"  - {m}" for m in mixed))
+        problem = broadcast(problem)
+        if problem:  # every rank raises it; the launcher's guard prints it once
+            raise InputError(f"halo-train: nothing was trained, the manifest has problems:\n{problem}")
+        return SlideDataset(path, **kwargs, validate=False)
+
+    def block(self, ds: SlideDataset, index: int, augment_seed: int | None) -> torch.Tensor | None:
+        """This rank's block of slide ``index``, normalised, on the device; None if the read failed."""
+        job = self.job
+        spec = self.augment.draw(augment_seed) if augment_seed is not None and job.cfg.data.augment.enabled else None
+        _, row, col = job.mesh.coords
+        started = time.perf_counter()
+        block = ds.read_block_safe(index, row, col, augment=spec)
+        if block is None:
+            return None
+        self._note(ds, index, time.perf_counter() - started)
+        x = torch.from_numpy(np.ascontiguousarray(block)).permute(2, 0, 1)[None].float().div_(255)
+        return ((x - MEAN) / STD).to(job.device, non_blocking=True)
+
+    def zeros(self, ds: SlideDataset, index: int) -> torch.Tensor:
+        """A zero block of slide ``index``'s shape: what a rank computes on when a read failed."""
+        return torch.zeros(1, 3, *ds.plan(index).block_shape(), device=self.job.device)
+
+    def agree(self, ok: bool) -> torch.Tensor:
+        """Which image groups read their slide this step (every rank of a group must agree); collective."""
+        job = self.job
+        flags = torch.zeros(job.mesh.data, device=job.device)
+        flags[job.group] = 0.0 if ok else 1.0
+        dist.all_reduce(flags)
+        return flags == 0
+
+    def _note(self, ds: SlideDataset, index: int, seconds: float) -> None:
+        row = ds.rows[index]
+        rec = self.records.get(row.slide_id)
+        if rec is None:
+            rec = self.records[row.slide_id] = slide_record(row, ds.plan(index), self.job.classes)
+        rec["read_seconds"] = round(seconds, 4)
+
+    def write_records(self) -> None:
+        """Merge every rank's records (the slowest rank's read time) into ``slides.csv``; collective."""
+        merged: dict[str, dict[str, Any]] = {}
+        for part in all_gather(self.records):
+            for key, rec in part.items():
+                old = merged.get(key)
+                if old is None or rec["read_seconds"] > old["read_seconds"]:
+                    merged[key] = rec
+        if self.job.is_main and merged:
+            rows = sorted(merged.values(), key=lambda r: (r["split"] or "", r["key"]))
+            with open(self.job.run_dir / "slides.csv", "w", newline="") as fh:
+                wr = csv.DictWriter(fh, fieldnames=list(SLIDE_RECORD))
+                wr.writeheader()
+                wr.writerows(rows)

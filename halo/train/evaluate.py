@@ -1,0 +1,72 @@
+"""Streaming evaluation: per-slide prediction rows and heatmaps.
+
+Each slide's map is gathered within its image group only; the group's first rank writes its
+heatmap at once and keeps nothing of it, so memory does not grow with the slide count. Only
+the prediction rows (a few numbers per slide) are gathered over the world, for the metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+import halo
+from halo.data import SlideDataset
+from halo.data.dataset import slide_file_name
+from halo.evaluate import save_heatmap, slide_metrics
+from halo.train.data import SlideSource, group_steps
+from halo.train.job import Job, all_gather
+
+__all__ = ["evaluate", "heatmap"]
+
+
+@torch.no_grad()
+def evaluate(job: Job, source: SlideSource, ds: SlideDataset, heatmaps: bool) -> tuple[dict[str, Any], list[dict]]:
+    """Predict every slide of ``ds``; returns the metrics and one row per slide; collective."""
+    job.model.eval()
+    mine = group_steps(list(range(len(ds))), job.mesh.data, job.group)
+    rows = []
+    bar = None
+    if job.is_main and job.cfg.train.progress and mine:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), desc=f"predict {ds.split or 'all'}", unit="slide", dynamic_ncols=True)
+    for index, weight in mine:
+        x = source.block(ds, index, None)
+        ok = source.agree(x is not None)
+        if x is None:
+            x = source.zeros(ds, mine[0][0])
+        with job.autocast():
+            logits = job.model(x).float()
+        head_map = getattr(job.model.head, "last_map", None)
+        if heatmaps and head_map is not None:
+            full = halo.gather(head_map.float(), job.mesh)  # a collective of the image group
+            if job.first_in_group and weight > 0 and ok[job.group]:
+                heatmap(job, ds, index, full[0].cpu().numpy())
+            del full
+        if ok[job.group] and weight > 0 and job.first_in_group:
+            item = ds.rows[index]
+            rows.append({"slide": item.slide_id, "index": index, "split": item.split, "label": item.label,
+                         "probs": torch.softmax(logits[0], 0).cpu().tolist()})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    unique = {r["slide"]: r for part in all_gather(rows) for r in part}
+    all_rows = list(unique.values())
+    metrics: dict[str, Any] = {}
+    if all_rows:
+        metrics = slide_metrics([r["label"] for r in all_rows], np.array([r["probs"] for r in all_rows]),
+                                len(job.classes))
+    return metrics, all_rows
+
+
+def heatmap(job: Job, ds: SlideDataset, index: int, m: np.ndarray) -> None:
+    """Write ``heatmaps/<key>.png`` of slide ``index`` from its whole map ``(C, h, w)``."""
+    item = ds.rows[index]
+    score = m[-1] if m.shape[0] > 1 else m[0]  # positive class (CAM) or attention weights
+    label = "attention" if m.shape[0] == 1 else f"{job.classes[-1]} score"
+    save_heatmap(job.run_dir / "heatmaps" / f"{slide_file_name(item.slide_id)}.png", ds.plan(index), score,
+                 mask_path=item.mask, label=label, title=f"{item.slide_id} (label {job.classes[item.label]})")

@@ -1,0 +1,131 @@
+"""What every part of a run needs on this rank: the config, the mesh, the device, the model.
+
+:func:`start` builds it once (threads, device, mesh, the run directory, the model sharded
+over the mesh); the other parts (:mod:`.data`, :mod:`.loop`, :mod:`.evaluate`,
+:mod:`.checkpoint`, :mod:`.rundir`) take it as their first argument and own nothing of it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+import halo
+from halo.checkpoint import signature
+from halo.models import SlideClassifier, build_classifier, total_stride
+
+__all__ = ["Job", "start", "broadcast", "all_gather"]
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@dataclass(eq=False)
+class Job:
+    """One rank's view of a run.
+
+    Attributes
+    ----------
+    cfg:
+        The composed config (typed: :mod:`halo.train.config`).
+    rank, is_main:
+        This process's global rank, and whether it is rank 0 (which writes the run directory).
+    device:
+        CUDA (NCCL) or CPU (gloo).
+    mesh:
+        The spatial mesh; ``mesh.data`` image groups, this rank in group ``group``.
+    classes:
+        Class names (``data.classes``).
+    run_dir:
+        Where this run writes (claimed by :func:`halo.train.rundir.claim`).
+    model:
+        The slide classifier, sharded over ``mesh`` (``model.trunk``, ``model.head``).
+    signature:
+        What a checkpoint must match to load into ``model``.
+    multiple:
+        The trunk's output stride: block sides are multiples of it.
+    """
+
+    cfg: DictConfig
+    rank: int
+    device: torch.device
+    mesh: halo.SpatialMesh
+    classes: list[str]
+    run_dir: Path
+    model: SlideClassifier
+    signature: dict[str, Any]
+    multiple: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def group(self) -> int:
+        """This rank's image group (the mesh's ``data`` index)."""
+        return self.mesh.coords[0]
+
+    @property
+    def first_in_group(self) -> bool:
+        """Whether this rank holds block (0, 0) of its image group's slide."""
+        return self.mesh.coords[1:] == (0, 0)
+
+    def autocast(self):
+        """bfloat16 autocast on CUDA when ``train.bf16``; a no-op context otherwise."""
+        enabled = bool(self.cfg.train.bf16) and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def start(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> Job:
+    """Set threads and device, claim the run directory and build the sharded model; collective.
+
+    Raises
+    ------
+    halo.errors.InputError
+        The run directory may not be written (see :func:`halo.train.rundir.claim`).
+    ValueError
+        ``data.classes`` and ``model.num_classes`` disagree.
+    """
+    from halo.train.rundir import claim
+
+    rank = dist.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if cfg.train.threads:
+        torch.set_num_threads(int(cfg.train.threads))
+    elif device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or min(dist.get_world_size(), os.cpu_count() or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    mesh = halo.SpatialMesh(cfg.mesh.rows, cfg.mesh.cols)
+    classes = list(cfg.data.classes)
+    if len(classes) != cfg.model.num_classes:
+        raise ValueError(f"data.classes has {len(classes)} names but model.num_classes={cfg.model.num_classes}")
+    out = claim(cfg, Path(broadcast(str(Path(run_dir).resolve()))), rank == 0)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = build_classifier(
+        cfg.model.name, cfg.model.num_classes, head=cfg.head.name,
+        head_options=OmegaConf.to_container(cfg.head.options, resolve=True), weights=cfg.model.weights,
+        checkpointing=cfg.train.checkpointing,
+    )
+    sig = signature(model, name=cfg.model.name, head=cfg.head.name, num_classes=len(classes))
+    multiple = total_stride(model.trunk)
+    model = halo.parallelize(model, mesh).to(device)
+    halo.manual_seed(cfg.train.seed, mesh)  # dropout: the same draws within an image group
+    return Job(cfg=cfg, rank=rank, device=device, mesh=mesh, classes=classes, run_dir=out, model=model,
+               signature=sig, multiple=multiple)

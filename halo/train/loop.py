@@ -1,0 +1,147 @@
+"""One training epoch (DDP, accumulation, autocast), the optimizer and schedule, the trunk modes.
+
+Trunk modes: ``train.trunk=frozen`` freezes the whole trunk; ``train.freeze_stages=N`` the first
+N stages, trained too from epoch ``train.unfreeze_at``; the trunk's learning rate is
+``train.lr * train.trunk_lr_scale``. The optimizer holds every parameter from the start (a
+frozen one has no gradient and does not step), so its state and schedule carry on across an
+unfreeze; DDP, which reduces only the parameters that required gradients when it was built,
+is built again (:func:`trunk_mode`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from halo.data import Prefetcher, SlideDataset
+from halo.errors import InputError
+from halo.train.data import SlideSource, group_steps
+from halo.train.job import Job
+
+__all__ = ["frozen_stages", "trunk_mode", "param_groups", "optimizer", "train_epoch"]
+
+log = logging.getLogger("halo.train")
+
+
+def frozen_stages(job: Job, epoch: int) -> int:
+    """How many trunk stages are frozen in epoch ``epoch`` (0-based).
+
+    Raises
+    ------
+    halo.errors.InputError
+        ``train.freeze_stages`` outside the trunk, or ``train.unfreeze_at`` without frozen stages.
+    """
+    t, stages = job.cfg.train, len(job.model.trunk)
+    n = stages if t.trunk == "frozen" else t.freeze_stages
+    if not 0 <= n <= stages:
+        raise InputError(f"halo-train: train.freeze_stages={n}, but {job.cfg.model.name}'s trunk has "
+                         f"{stages} stages (0 to {stages})")
+    at = t.unfreeze_at
+    if at is not None and (t.trunk == "frozen" or n == 0 or at < 1):
+        raise InputError(f"halo-train: train.unfreeze_at={at} needs train.freeze_stages >= 1, "
+                         f"train.trunk=train and an epoch >= 1")
+    return 0 if at is not None and epoch + 1 >= at else n
+
+
+def trunk_mode(job: Job, epoch: int, ddp: DDP | None) -> DDP:
+    """Freeze or unfreeze trunk stages for this epoch; a new DDP wrapper when that changes."""
+    n = frozen_stages(job, epoch)
+    if ddp is not None and n == job.model.frozen_stages:
+        return ddp
+    if ddp is not None and job.is_main:
+        log.info("epoch %d: trunk stages 1-%d unfrozen (train.unfreeze_at), DDP rebuilt", epoch + 1,
+                 job.model.frozen_stages)
+    job.model.freeze(n)
+    if not any(p.requires_grad for p in job.model.parameters()):
+        raise InputError("halo-train: nothing to train: every parameter is frozen")
+    return DDP(job.model, device_ids=[job.device.index] if job.device.type == "cuda" else None)
+
+
+def param_groups(job: Job) -> list[dict[str, Any]]:
+    """The head at ``train.lr``, the trunk at ``train.lr * train.trunk_lr_scale``."""
+    lr = job.cfg.train.lr
+    return [{"params": list(job.model.head.parameters()), "lr": lr, "name": "head"},
+            {"params": list(job.model.trunk.parameters()), "lr": lr * job.cfg.train.trunk_lr_scale, "name": "trunk"}]
+
+
+def optimizer(job: Job, steps: int):
+    """The optimizer over :func:`param_groups` and its schedule over ``train.epochs * steps`` steps."""
+    t = job.cfg.train
+    groups = param_groups(job)
+    if t.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    total = max(1, t.epochs * steps)
+    if t.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total,
+                                                    pct_start=t.warmup_fraction)
+    elif t.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return opt, sched
+
+
+def _train_mode(job: Job) -> None:
+    job.model.train()
+    if job.cfg.train.freeze_bn:
+        for m in job.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def train_epoch(job: Job, source: SlideSource, ddp: DDP, opt, sched, ds: SlideDataset, epoch: int,
+                weights: torch.Tensor | None) -> tuple[float, int]:
+    """One pass over ``ds``; returns the mean loss over the slides trained on and their count."""
+    t = job.cfg.train
+    accumulate = max(1, t.accumulate)
+    rng = np.random.default_rng([t.seed, epoch])
+    steps = group_steps([int(i) for i in rng.permutation(len(ds))], job.mesh.data, job.group)
+    order = [i for i, _ in steps]
+    seeds = {i: int(np.random.default_rng([t.seed, epoch, i]).integers(2**31)) for i in order}
+    _train_mode(job)
+    total = torch.zeros((), device=job.device)
+    count = torch.zeros((), device=job.device)
+    bar = None
+    if job.is_main and t.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}", unit="slide", dynamic_ncols=True)
+    opt.zero_grad(set_to_none=True)
+    with Prefetcher(lambda i: source.block(ds, i, seeds[i]), order) as blocks:
+        for step, (index, x) in enumerate(blocks):
+            ok = source.agree(x is not None)
+            use = bool(ok[job.group]) and steps[step][1] > 0  # padding steps repeat a slide, weight 0
+            if x is None:  # keep every collective in step: a zero input with zero weight
+                x = source.zeros(ds, order[0])
+            label = torch.tensor([ds.rows[index].label], device=job.device)
+            sync = (step + 1) % accumulate == 0 or step + 1 == len(order)
+            ctx = ddp.no_sync() if not sync else torch.enable_grad()
+            with ctx, job.autocast():
+                logits = ddp(x)
+                loss = F.cross_entropy(logits.float(), label, weight=weights)
+                ((loss if use else loss * 0) / accumulate).backward()
+            if sync:
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            if use:
+                total += loss.detach()
+                count += 1
+            if bar is not None:
+                bar.update(1)
+                if step % 4 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+    if bar is not None:
+        bar.close()
+    # every group's sum counts once; every rank of a group holds the same loss
+    both = torch.stack([total, count]) / job.mesh.size
+    dist.all_reduce(both)
+    return float(both[0] / both[1].clamp(min=1)), int(both[1].item())

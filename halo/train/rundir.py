@@ -1,0 +1,106 @@
+"""The run directory: what is written where, and the refusal to overwrite a run.
+
+A training run writes ``.hydra/{config,overrides}.yaml``, ``metrics.csv``, ``summary.json``,
+``predictions.csv``, ``test_predictions.csv``, ``slides.csv``, ``checkpoints/{last,best}.pt``
+and ``heatmaps/<key>.png``; a prediction writes the same kinds of files (no checkpoints) into
+``predict/<run id>/`` of the directory it is given. Only rank 0 writes, except heatmaps (each
+image group's first rank writes its own slides').
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from halo.errors import InputError
+from halo.evaluate import write_predictions
+
+__all__ = ["RUN_FILES", "claim", "write_metrics", "write_rows", "write_summary"]
+
+log = logging.getLogger("halo.train")
+
+RUN_FILES = ("metrics.csv", "summary.json", "predictions.csv", "test_predictions.csv", "slides.csv",
+             "skipped_slides.csv")
+"""What a training run writes beside ``checkpoints/`` and ``heatmaps/`` (removed by ``train.overwrite``)."""
+
+
+def _folder_name(value: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in value) or "run"
+
+
+def _overrides() -> list[str]:
+    """The command line's overrides (Hydra's ``overrides.yaml``), or [] outside ``@hydra.main``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def claim(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path:
+    """The directory this run writes to, checked on rank 0 and agreed by every rank; collective.
+
+    ``mode=predict`` writes into ``predict/<run id>/`` of ``run_dir``, so a training run's files
+    stay as they are. ``mode=train`` into a directory that holds checkpoints is refused unless
+    ``train.resume=true`` (continue it) or ``train.overwrite=true`` (its results are removed).
+    Hydra writes nothing itself (``hydra.output_subdir: null``): ``.hydra/config.yaml`` and
+    ``.hydra/overrides.yaml`` are written here, once the directory is claimed.
+
+    Raises
+    ------
+    halo.errors.InputError
+        On every rank, when the directory may not be written.
+    """
+    from halo.train import run_id
+    from halo.train.job import broadcast
+
+    problem, out = None, run_dir
+    if is_main:
+        t = cfg.train
+        old = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
+        if cfg.mode == "predict":
+            out = run_dir / "predict" / _folder_name(run_id())
+            if out.exists() and any(out.iterdir()):
+                problem = f"halo-train: {out} already holds a prediction; choose another hydra.run.dir"
+        elif old and not t.resume and not t.overwrite:
+            problem = (f"halo-train: {run_dir} already holds a training run (checkpoints/{', '.join(old)}): "
+                       f"pass train.resume=true to continue it, train.overwrite=true to replace it, or "
+                       f"another hydra.run.dir")
+        elif old and not t.resume:
+            for name in ("checkpoints", "heatmaps", "predict"):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+            log.warning("train.overwrite=true: removed the earlier run's results in %s", run_dir)
+    problem, out = broadcast((problem, str(out)))
+    if problem:
+        raise InputError(problem)
+    out = Path(out)
+    if is_main:
+        (out / ".hydra").mkdir(parents=True, exist_ok=True)
+        (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (out / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(_overrides()))
+    return out
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """``metrics.csv``: one row per epoch."""
+    keys = list(dict.fromkeys(k for r in history for k in r))
+    lines = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) for r in history]
+    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def write_rows(run_dir: Path, name: str, rows: list[dict[str, Any]], classes: list[str]) -> None:
+    """``predictions.csv`` (or ``test_predictions.csv``): one row per slide, named by its key."""
+    write_predictions(run_dir / name, rows, classes)
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """``summary.json``."""
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

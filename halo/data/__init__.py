@@ -6,9 +6,12 @@ Public contract (relied on outside the project)::
     block = halo.data.read_block(plan, row, col)   # uint8 (h, w, 3)
     full = halo.data.read_full(plan)               # the blocks tile it exactly
 
-Frames: level-0 pixels ``(x, y)`` / ``(width, height)``; target pixels at the
-training resolution; arrays ``(height, width, 3)``. Nothing here knows about
-autograd or ``torch.distributed``.
+Frames: level-0 pixels ``(x, y)`` / ``(width, height)``; level pixels (a pyramid
+level's stored pixels, ``plan.level_factors`` level-0 pixels each); target pixels at
+the training resolution (a level's own pixels, or a box filter of them); arrays
+``(height, width, 3)``. ``plan.reader`` names the library that read the pixels
+(``"tifffile"`` or ``"openslide"``). Nothing here knows about autograd or
+``torch.distributed``.
 """
 
 from halo.data.augment import IDENTITY, Augment, AugmentSpec, MacenkoNormalizer
@@ -18,6 +21,7 @@ from halo.data.region import RegionPlan, block_rect, plan_region, read_block, re
 from halo.data.slide import (
     LevelChoice,
     Slide,
+    SlideDamagedError,
     SlideError,
     SlideOpenError,
     SlideReadError,
@@ -53,6 +57,7 @@ __all__ = [
     "SlideError",
     "SlideOpenError",
     "SlideReadError",
+    "SlideDamagedError",
     "SlideResolutionError",
     "SlideTooSmallError",
 ]

@@ -3,17 +3,27 @@
 Frames:
 
 * **level 0** - full-resolution pixels; ``(x, y)`` locations, ``(width, height)`` sizes.
-* **target** - the training resolution, ``plan.downsample`` level-0 pixels per
-  target pixel (see :func:`halo.data.slide.select_level`).
+* **level L** - the stored pixels of the level read, ``plan.level_factors`` =
+  ``(w0 / wL, h0 / hL)`` level-0 pixels per level pixel along x and y (scanner
+  pyramids round level sizes, so these are rarely whole numbers).
+* **target** - the training resolution (see :func:`halo.data.slide.select_level`).
+  At an exact level (``plan.level_scale == (1.0, 1.0)``) target pixels *are* the
+  level's pixels; otherwise target pixel ``t`` is the box-filter average of level
+  pixels ``[t * s, (t + 1) * s)`` with ``s = plan.level_scale`` per axis
+  (``plan.downsample`` level-0 pixels per target pixel). ``plan.target_factors``
+  maps target to level 0 per axis.
 * **padded** - the region a model sees before augmentation: ``plan.padded_size``
   target pixels whose top-left is target pixel ``plan.origin``. Its pixels inside
   ``plan.content`` (the tissue bounding box) come from the slide, all others are
   background. Block ``(row, col)`` of the *augmented* padded region is what rank
   ``(row, col)`` trains on.
 
-Pixels are computed as pure functions of their global target coordinates (reads
-at an exact level, or a box filter whose weights depend only on the global
-index), so blocks tile :func:`read_full` exactly, with or without augmentation.
+Pixels are computed as pure functions of their global target coordinates: reads of
+a level's stored pixels at integer level coordinates (:meth:`Slide.read_level`, never
+OpenSlide's level-0-located ``read_region`` at a non-whole downsample), or a box
+filter whose weights depend only on the global index, so blocks tile
+:func:`read_full` exactly, with or without augmentation. ``plan.reader`` says which
+library read the pixels (``"tifffile"`` or ``"openslide"``), ``plan.vendor`` the format.
 """
 
 from __future__ import annotations
@@ -49,9 +59,10 @@ class RegionPlan:
     multiple:
         Block height and width are multiples of this (the network's total stride).
     level, level_downsample:
-        Pyramid level read, and its level-0 pixels per level pixel.
+        Pyramid level read, and OpenSlide's level-0 pixels per level pixel (mean of the axes).
     downsample:
-        Level-0 pixels per target pixel (``> level_downsample`` means resampling).
+        Level-0 pixels per target pixel (``> level_downsample`` means resampling; at
+        an exact level it is ``level_downsample``, nominal: see ``target_factors``).
     mpp:
         Microns per target pixel, or None when the slide has no mpp.
     origin:
@@ -74,6 +85,17 @@ class RegionPlan:
         Macenko normaliser fitted on the thumbnail, applied to every block, or None.
     background:
         Grey level of padding and of pixels outside the scan.
+    level_factors:
+        ``(w0 / wL, h0 / hL)``: level-0 pixels per pixel of ``level``, along x and y.
+    level_scale:
+        ``(sx, sy)``: level pixels per target pixel; ``(1.0, 1.0)`` reads the level's
+        stored pixels as they are.
+    target_size:
+        ``(width, height)`` of the whole slide in target pixels.
+    reader:
+        ``"tifffile"`` or ``"openslide"``: which library read the slide's pixels.
+    vendor:
+        OpenSlide's vendor (``"aperio"``, ``"generic-tiff"``, ``"dicom"`` ...).
     """
 
     path: str
@@ -93,11 +115,26 @@ class RegionPlan:
     thumb_downsample: tuple[float, float] = (1.0, 1.0)
     stain: MacenkoNormalizer | None = None
     background: int = 255
+    level_factors: tuple[float, float] = (1.0, 1.0)
+    level_scale: tuple[float, float] = (1.0, 1.0)
+    target_size: tuple[int, int] = (0, 0)
+    reader: str = "openslide"
+    vendor: str = ""
 
     @property
     def scale(self) -> float:
         """Target pixels per level pixel (1.0: the level is read as is)."""
         return self.level_downsample / self.downsample
+
+    @property
+    def exact(self) -> bool:
+        """True when target pixels are the level's stored pixels (no resampling)."""
+        return self.level_scale == (1.0, 1.0)
+
+    @property
+    def target_factors(self) -> tuple[float, float]:
+        """``(fx, fy)``: level-0 pixels per target pixel along x and y."""
+        return self.level_factors[0] * self.level_scale[0], self.level_factors[1] * self.level_scale[1]
 
     def shape(self, augment: AugmentSpec | None = None) -> tuple[int, int]:
         """``(height, width)`` of the (augmented) padded region."""
@@ -118,8 +155,8 @@ class RegionPlan:
     @property
     def padded_box_level0(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """``((x, y), (width, height))`` of the padded region in level-0 pixels (heatmaps)."""
-        d = self.downsample
-        return (self.origin[0] * d, self.origin[1] * d), (self.padded_size[0] * d, self.padded_size[1] * d)
+        fx, fy = self.target_factors
+        return (self.origin[0] * fx, self.origin[1] * fy), (self.padded_size[0] * fx, self.padded_size[1] * fy)
 
 
 def plan_region(
@@ -151,7 +188,8 @@ def plan_region(
         Block sides are multiples of this.
     mpp:
         Target microns per pixel; the matching level is read, or the nearest finer
-        one resampled. None: use ``level``.
+        one resampled. None: use ``level``. A level the slide's reader cannot read
+        exactly (OpenSlide at a non-whole downsample) is resampled from a finer one.
     level:
         Pyramid level to read when ``mpp`` is None or the slide has no mpp (default 0).
     tissue:
@@ -189,7 +227,9 @@ def plan_region(
     choice = select_level(slide, mpp=mpp, level=level)
     w0, h0 = slide.dimensions
     d = choice.downsample
-    wt, ht = int(math.floor(w0 / d + 1e-9)), int(math.floor(h0 / d + 1e-9))
+    wt, ht = choice.target_size
+    scale = choice.level_scale
+    fx, fy = choice.level_factors[0] * scale[0], choice.level_factors[1] * scale[1]  # level 0 per target px
     if ht < rows * multiple or wt < cols * multiple:
         raise SlideTooSmallError(
             slide.path,
@@ -211,9 +251,9 @@ def plan_region(
     if box is None:  # disabled, or a blank slide: keep everything
         box = ((0, 0), (w0, h0))
     (bx, by), (bw, bh) = box
-    cx0, cy0 = int(math.floor(bx / d)), int(math.floor(by / d))
-    cx1 = min(wt, max(cx0 + 1, int(math.ceil((bx + bw) / d))))
-    cy1 = min(ht, max(cy0 + 1, int(math.ceil((by + bh) / d))))
+    cx0, cy0 = int(math.floor(bx / fx + 1e-9)), int(math.floor(by / fy + 1e-9))
+    cx1 = min(wt, max(cx0 + 1, int(math.ceil((bx + bw) / fx - 1e-9))))
+    cy1 = min(ht, max(cy0 + 1, int(math.ceil((by + bh) / fy - 1e-9))))
     cw, ch = cx1 - cx0, cy1 - cy0
     if rot90:
         unit_h = unit_w = math.lcm(rows, cols) * multiple
@@ -239,6 +279,11 @@ def plan_region(
         thumb_downsample=tds,
         stain=stain,
         background=int(background),
+        level_factors=choice.level_factors,
+        level_scale=scale,
+        target_size=(int(wt), int(ht)),
+        reader=slide.reader,
+        vendor=slide.vendor,
     )
 
 
@@ -320,26 +365,26 @@ def _read_padded(plan: RegionPlan, rect: tuple[int, int, int, int], slide: Slide
 
 
 def _read_target(slide: Slide, plan: RegionPlan, tx0: int, ty0: int, dst: np.ndarray) -> None:
-    """Fill ``dst`` ``(h, w, 3)`` with target pixels whose top-left is ``(tx0, ty0)``, chunk by chunk."""
+    """Fill ``dst`` ``(h, w, 3)`` with target pixels whose top-left is ``(tx0, ty0)``, chunk by chunk.
+
+    Every read is :meth:`Slide.read_level` at integer level coordinates.
+    """
     th, tw = dst.shape[:2]
-    lds = plan.level_downsample
-    if plan.downsample == lds:  # read the level as is
+    if plan.exact:  # target pixels are the level's pixels
         rows_per = max(1, _CHUNK_PIXELS // max(1, tw))
         for r in range(0, th, rows_per):
             n = min(rows_per, th - r)
-            loc = (int(round(tx0 * lds)), int(round((ty0 + r) * lds)))
-            dst[r : r + n] = slide.read(loc, plan.level, (tw, n), plan.background)
+            dst[r : r + n] = slide.read_level(plan.level, (tx0, ty0 + r), (tw, n), plan.background)
         return
-    s = plan.downsample / lds  # level pixels per target pixel, > 1
-    ix, wx = _box_taps(tx0, tw, s)
-    rows_per = max(1, int(_CHUNK_PIXELS // max(1.0, tw * s * s)))
+    sx, sy = plan.level_scale  # level pixels per target pixel, per axis
+    ix, wx = _box_taps(tx0, tw, sx)
+    sx0, sx1 = int(ix.min()), int(ix.max()) + 1
+    rows_per = max(1, int(_CHUNK_PIXELS // max(1.0, tw * sx * sy)))
     for r in range(0, th, rows_per):
         n = min(rows_per, th - r)
-        iy, wy = _box_taps(ty0 + r, n, s)
+        iy, wy = _box_taps(ty0 + r, n, sy)
         sy0, sy1 = int(iy.min()), int(iy.max()) + 1
-        sx0, sx1 = int(ix.min()), int(ix.max()) + 1
-        loc = (int(round(sx0 * lds)), int(round(sy0 * lds)))
-        src = slide.read(loc, plan.level, (sx1 - sx0, sy1 - sy0), plan.background).astype(np.float32)
+        src = slide.read_level(plan.level, (sx0, sy0), (sx1 - sx0, sy1 - sy0), plan.background).astype(np.float32)
         tmp = wy[:, 0, None, None] * src[iy[:, 0] - sy0]
         for k in range(1, iy.shape[1]):
             tmp = tmp + wy[:, k, None, None] * src[iy[:, k] - sy0]

@@ -257,3 +257,28 @@ def test_resampling_a_slide_without_mpp_metadata_is_refused_for_now(tmp_path: Pa
     ], columns=("slide", "label", "split", "mpp"))
     plan = _ds(ok, mpp=1.0)[0].plan
     assert (plan.level, plan.downsample, plan.mpp) == (1, 2.0, 1.0)
+
+
+CMU = FIXTURES / "cmu-1-small-region.svs"
+UNREADABLE = FIXTURES / "openslide-python_unreadable.svs"
+
+
+@pytest.mark.skipif(not (CMU.is_file() and UNREADABLE.is_file()), reason=f"real fixtures in {FIXTURES} not present")
+def test_damaged_and_unreadable_slides_are_found_before_training(tmp_path: Path) -> None:
+    """A truncated SVS and one whose tiles do not decode (it opens) are reported at start-up,
+    each naming its CSV line and file; a good slide beside them is not."""
+    cut = tmp_path / "cut.svs"
+    data = CMU.read_bytes()
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    good = _slide(tmp_path / "good.tif", seed=5)
+    csv_path = write_csv(tmp_path / "m.csv", [
+        {"slide": str(good), "label": "normal", "split": "train"},
+        {"slide": str(cut), "label": "tumour", "split": "train"},
+        {"slide": str(UNREADABLE), "label": "tumour", "split": "train"},
+    ])
+    with pytest.raises(hd.ManifestError) as err:
+        _ds(csv_path, mpp=None, level=0)
+    problems = err.value.problems
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("line 3:") and "cut.svs" in problems[0] and "ends early" in problems[0], problems
+    assert problems[1].startswith("line 4:") and "unreadable.svs" in problems[1], problems

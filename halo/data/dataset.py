@@ -472,10 +472,8 @@ class SlideDataset:
                 with Slide(r.path) as s:
                     ch, _ = self._choose(r, s)
                     self.choices[r.line] = ch
-                    # Slide.verify(ch.level) (tile offsets against the file size, one tile decoded)
-                    # belongs here once halo.data.slide has it.
-                    w0, h0 = s.dimensions
-                    wt, ht = int(w0 / ch.downsample + 1e-9), int(h0 / ch.downsample + 1e-9)
+                    s.verify(ch.level)  # tile offsets against the file size; one tile decoded
+                    wt, ht = ch.target_size
                     if ht < rows * self.multiple or wt < cols * self.multiple:
                         problems.append((r.line,
                             f"{where}: too small for the grid: {wt}x{ht} (width x height) at level "

@@ -227,8 +227,8 @@ def _run_keeping_params(csv_path: str, run_dir: str, extra: list[str]) -> dict:
     kept: dict[str, dict] = {}
     start, save = job.start, checkpoint.save
 
-    def snapshot(model) -> dict:
-        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    def snapshot(model) -> dict:  # parameters and buffers (batch-norm statistics)
+        return {n: p.detach().clone() for n, p in [*model.named_parameters(), *model.named_buffers()]}
 
     def spy_start(*args, **kwargs):
         j = start(*args, **kwargs)
@@ -264,7 +264,7 @@ def test_trunk_modes_train_what_they_say_and_ranks_stay_equal(pool2, tmp_path: P
         moved = not torch_equal(start[name], end[name])
         if name.startswith(frozen):
             assert not moved, f"{name} is frozen but changed"
-        elif name.startswith(("head.", "trunk.")) and not name.endswith("bias"):
+        elif name.startswith(("head.", "trunk.")) and name.endswith("weight"):
             assert moved, f"{name} should have trained"
     if mode == "unfreeze_at":
         assert any("unfrozen" in line and "DDP rebuilt" in line for line in out[0]["log"]), out[0]["log"]

@@ -241,17 +241,20 @@ def test_row_mpp_override_makes_boxes_load(tmp_path: Path, col_mpp: str, level: 
     assert blk.shape == (*plan.block_shape(), 3) and blk.dtype == np.uint8
 
 
-def test_resampling_a_slide_without_mpp_metadata_is_refused_for_now(tmp_path: Path) -> None:
-    # Until plan_region takes the slide's mpp (base_mpp=), an mpp column on a slide without mpp
-    # metadata can only pick a level read as is; a resampled read is a problem naming the fix.
+def test_an_mpp_column_resamples_a_slide_without_mpp_metadata(tmp_path: Path) -> None:
+    """The row's mpp is the slide's level-0 resolution: 1.0 / 0.3 matches no level, so the finer
+    level is box-filtered, exactly as for a slide whose metadata says 0.3."""
     _slide(tmp_path / "nompp.tif", mpp=None, levels=2, size=(256, 192))
+    _slide(tmp_path / "meta.tif", mpp=0.3, levels=2, size=(256, 192))
     csv_path = write_csv(tmp_path / "m.csv", [
-        {"slide": "nompp.tif", "label": "normal", "split": "train", "mpp": "0.3"},  # 1.0 / 0.3: no level
+        {"slide": "nompp.tif", "label": "normal", "split": "train", "mpp": "0.3"},
+        {"slide": "meta.tif", "label": "tumour", "split": "train", "mpp": ""},
     ], columns=("slide", "label", "split", "mpp"))
-    with pytest.raises(hd.ManifestError) as ei:
-        _ds(csv_path, mpp=1.0)
-    (prob,) = ei.value.problems
-    assert prob.startswith("line 2:") and "nompp.tif" in prob and "resampling" in prob and "level column" in prob
+    ds = _ds(csv_path, mpp=1.0)
+    column, meta = ds[0].plan, ds[1].plan
+    assert (column.level, column.mpp) == (meta.level, meta.mpp) == (0, 1.0)
+    assert column.downsample == pytest.approx(1.0 / 0.3) and column.padded_size == meta.padded_size
+    assert ds.choices[2].mpp == 1.0 and not ds.choices[2].exact
     ok = write_csv(tmp_path / "ok.csv", [
         {"slide": "nompp.tif", "label": "normal", "split": "train", "mpp": "0.5"},  # 1.0 / 0.5: level 1
     ], columns=("slide", "label", "split", "mpp"))

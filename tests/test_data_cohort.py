@@ -252,7 +252,7 @@ def test_an_mpp_column_resamples_a_slide_without_mpp_metadata(tmp_path: Path) ->
     ], columns=("slide", "label", "split", "mpp"))
     ds = _ds(csv_path, mpp=1.0)
     column, meta = ds[0].plan, ds[1].plan
-    assert (column.level, column.mpp) == (meta.level, meta.mpp) == (0, 1.0)
+    assert (column.level, column.mpp) == (meta.level, meta.mpp) == (1, 1.0)  # level 1 (0.6 um) box-filtered
     assert column.downsample == pytest.approx(1.0 / 0.3) and column.padded_size == meta.padded_size
     assert ds.choices[2].mpp == 1.0 and not ds.choices[2].exact
     ok = write_csv(tmp_path / "ok.csv", [

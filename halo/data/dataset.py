@@ -65,7 +65,6 @@ all-reduce of "skip" flags) before using a block.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import math
 import os
@@ -424,22 +423,10 @@ class SlideDataset:
         else:
             raise SlideResolutionError(slide.path, self._no_mpp(slide, meta))
         try:
-            choice = select_level(_WithMpp(slide, base), mpp=mpp, level=level)
+            choice = select_level(slide, mpp=mpp, level=level, base_mpp=base)
         except SlideResolutionError as exc:
             raise SlideResolutionError(slide.path, f"{_strip_path(exc)} (from {source})") from exc
-        # plan_region runs select_level on the slide itself, with its metadata mpp; until it takes
-        # the slide's mpp as a parameter (base_mpp=), ask it for the choice made here: a level read
-        # as is by level=, a resampled one by the target mpp in the metadata's terms.
-        if choice.downsample == choice.level_downsample:
-            return choice, {"mpp": None, "level": choice.level}
-        if meta is not None:
-            return choice, {"mpp": choice.downsample * meta, "level": None}
-        raise SlideResolutionError(
-            slide.path,
-            f"reading it at mpp={self.mpp} from the mpp column's {base:g} um per pixel means resampling "
-            f"(downsample {choice.downsample:.4g}, no level matches), which is not supported yet for a slide "
-            f"without mpp metadata; give a level column instead",
-        )
+        return choice, {"mpp": mpp, "level": level, "base_mpp": base}
 
     def _no_mpp(self, slide: Slide, meta: float | None) -> str:
         fixes = ("add the slide's level-0 microns per pixel in an mpp column, or the level to read it at in a "
@@ -552,8 +539,6 @@ class SlideDataset:
         if p.level != choice.level or not math.isclose(p.downsample, choice.downsample, rel_tol=1e-9):
             raise SlideResolutionError(r.path, f"planned level {p.level}, downsample {p.downsample:g}, not the "
                                                f"chosen level {choice.level}, downsample {choice.downsample:g}")
-        if p.mpp != choice.mpp:  # plan_region's mpp comes from the metadata, not the row's override
-            p = dataclasses.replace(p, mpp=choice.mpp)
         with self._lock:
             self._plans[i] = p
         return p
@@ -681,16 +666,6 @@ def slide_file_name(slide_id: str) -> str:
     if name == slide_id:
         return name
     return f"{name}-{hashlib.sha1(slide_id.encode('utf-8')).hexdigest()[:8]}"
-
-
-class _WithMpp:
-    """A slide whose level-0 mpp reads as ``mpp`` (for :func:`select_level`); all else delegated."""
-
-    def __init__(self, slide: Slide, mpp: float | None) -> None:
-        self._slide, self.mpp = slide, mpp
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._slide, name)
 
 
 def _plausible(mpp: float) -> bool:

@@ -32,10 +32,12 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from typing import Any
+
 import numpy as np
 
 from halo.data.augment import AugmentSpec, MacenkoNormalizer
-from halo.data.slide import Slide, SlideTooSmallError, open_cached, select_level
+from halo.data.slide import METADATA, Slide, SlideTooSmallError, open_cached, select_level
 from halo.data.tissue import TissueOptions, tissue_bbox, tissue_mask
 
 __all__ = ["RegionPlan", "plan_region", "read_block", "read_full", "block_rect"]
@@ -171,6 +173,7 @@ def plan_region(
     stain_normalize: bool = False,
     keep_mask: bool = True,
     background: int = 255,
+    base_mpp: Any = METADATA,
 ) -> RegionPlan:
     """Plan the region of a slide that a ``rows x cols`` grid of ranks will read.
 
@@ -203,6 +206,9 @@ def plan_region(
         Store the thumbnail tissue mask in the plan.
     background:
         Grey level of padding.
+    base_mpp:
+        The slide's level-0 microns per pixel, overriding its metadata; None: none
+        (see :func:`halo.data.slide.select_level`).
 
     Returns
     -------
@@ -224,7 +230,7 @@ def plan_region(
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     opts = tissue if tissue is not None else TissueOptions()
     slide = open_cached(path)
-    choice = select_level(slide, mpp=mpp, level=level)
+    choice = select_level(slide, mpp=mpp, level=level, base_mpp=base_mpp)
     w0, h0 = slide.dimensions
     d = choice.downsample
     wt, ht = choice.target_size

@@ -819,8 +819,13 @@ class LevelChoice:
         return self.downsample / fx, self.downsample / fy
 
 
+METADATA = object()
+"""``base_mpp`` default: the slide's level-0 mpp is what its metadata says (``Slide.mpp``)."""
+
+
 def select_level(
-    slide: Slide, mpp: float | None = None, level: int | None = None, tolerance: float = MPP_TOLERANCE
+    slide: Slide, mpp: float | None = None, level: int | None = None, tolerance: float = MPP_TOLERANCE,
+    *, base_mpp: Any = METADATA,
 ) -> LevelChoice:
     """Choose the pyramid level (and resampling) for a requested resolution.
 
@@ -842,6 +847,9 @@ def select_level(
         Pyramid level to read at when no mpp decides, or None.
     tolerance:
         Relative mpp difference under which a level matches.
+    base_mpp:
+        The slide's level-0 microns per pixel, overriding its metadata (a cohort CSV's
+        ``mpp`` column); None: treat the slide as having no mpp (untrusted metadata).
 
     Raises
     ------
@@ -850,7 +858,7 @@ def select_level(
         is given; ``mpp`` finer than level 0; ``level`` out of range.
     """
     ds = slide.level_downsamples
-    base = slide.mpp
+    base = slide.mpp if base_mpp is METADATA else base_mpp
     if level is not None and not 0 <= int(level) < len(ds):
         raise SlideResolutionError(slide.path, f"level {level} out of range: the slide has {len(ds)} levels")
     if mpp is not None and base is not None:

@@ -24,9 +24,19 @@ gradients and the two AdamW states are float32 (autocast keeps master weights in
 activations use ``--dtype``.
 
 Halo bytes are the two-phase volume: rows first (``top + bottom`` rows of the block
-width), then columns of the row-extended block, sent once forward and once backward (the
-adjoint), except for a first layer whose input needs no gradient. Per-rank figures are
-means over the ranks of the mesh: ranks at the image edges send less.
+width), then columns of the row-extended block, sent once forward (again when a checkpointed
+stage is recomputed) and once backward (the adjoint), except for a first layer whose input
+needs no gradient. ``halo_bytes_per_step_per_rank`` is the mean over the ranks of the mesh;
+``ranks`` gives each kind of rank (corner, edge, interior) by its busiest member, since
+ranks at the image edges send less (an interior rank of 8 x 8 sends 8/7 of the mean). What
+a rank saves does not depend on where it sits (edge fills are kept as received strips are),
+so every kind has the same activation bytes and peak; ``fits`` is that of the largest.
+
+``--measure`` checks a plan by running it: one training step of halo's real layers at the
+planned size, on ``FakeTensorMode`` tensors and parameters (nothing allocated) under torch's
+fake process-group backend playing one rank of the full world (the busiest, an interior one
+on meshes of 3 x 3 and up), in a fresh Python process; it counts what autograd saves,
+``FlopCounterMode``'s FLOPs and the bytes posted to ``batch_isend_irecv`` (:func:`measure`).
 
 The command line plans what ``halo-train`` builds (``halo.models.build_classifier``) on an
 image of ``--image HEIGHT WIDTH`` pixels, or on the padded region training reads from each
@@ -53,8 +63,9 @@ from halo.exchange import HaloSpec
 from halo.geometry import padded_size
 from halo.nn._window import border_bands, native_padding, pair, split_local, window_spec
 
-__all__ = ["LayerPlan", "Plan", "SlidePlan", "Trace", "plan", "plan_model", "plan_slide", "trace_model",
-           "measure_saved_bytes", "measure_checkpointed_bytes", "build_model", "main"]
+__all__ = ["LayerPlan", "Plan", "RankKind", "SlidePlan", "Trace", "Measurement", "plan", "plan_model", "plan_slide",
+           "trace_model", "rank_kind", "measure", "measure_saved_bytes", "measure_checkpointed_bytes", "build_model",
+           "main"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 TRACE_SIZE = 64
@@ -76,9 +87,14 @@ class LayerPlan:
     saved_bytes:
         Bytes this layer adds to what autograd keeps (shared tensors counted once).
     halo_bytes:
-        Bytes sent per training step (forward and backward), mean over ranks.
+        Bytes sent per training step (forward, a checkpointed stage's recompute, backward), mean
+        over ranks.
     flops:
         Forward FLOPs on this rank (2 per multiply-add).
+    exchanges:
+        ``(forward, backward)``: how often per step the layer's halo travels forward (twice in a
+        checkpointed stage: the recompute exchanges again) and back (0 for an input that needs
+        no gradient). :meth:`Plan.halo_bytes_at` turns them into one rank's bytes.
     """
 
     name: str
@@ -89,6 +105,46 @@ class LayerPlan:
     saved_bytes: int
     halo_bytes: int
     flops: int
+    exchanges: tuple[int, int] = (0, 0)
+
+
+def rank_kind(mesh: tuple[int, int], row: int, col: int) -> str:
+    """``"corner"``, ``"edge"`` or ``"interior"``: on how many sharded axes (``rows`` or ``cols``
+    above 1) the rank at ``(row, col)`` lacks a neighbour (2, 1 or 0); ``"single"`` on a 1 x 1
+    mesh. On a 1 x C mesh the two ends are edges; on a 2 x 2 mesh every rank is a corner."""
+    rows, cols = mesh
+    if rows * cols == 1:
+        return "single"
+    missing = sum(1 for i, n in ((row, rows), (col, cols)) if n > 1 and i in (0, n - 1))
+    return ("interior", "edge", "corner")[missing]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankKind:
+    """The ranks of one kind (:func:`rank_kind`) in a plan.
+
+    Attributes
+    ----------
+    kind, count:
+        The kind and how many ranks of the mesh are of it.
+    rank:
+        ``(row, col)`` of the rank of this kind that sends the most halo bytes (the first in
+        row-major order among equals); its figures are the ones given.
+    halo_bytes_per_step:
+        What that rank sends per step (forward, recomputation and backward).
+    activation_bytes, total_bytes, fits:
+        Its activation bytes, peak and whether that fits. These are the same for every kind:
+        at the image edges halo saves and recomputes the edge fill as it does a received strip
+        (measured), so only the traffic differs.
+    """
+
+    kind: str
+    count: int
+    rank: tuple[int, int]
+    halo_bytes_per_step: int
+    activation_bytes: int
+    total_bytes: int
+    fits: bool
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -117,13 +173,43 @@ class Plan:
     fits: bool
     mpp: float | None
     layers: tuple[LayerPlan, ...]
+    ranks: tuple[RankKind, ...] = ()
+    busiest_rank: tuple[int, int] = (0, 0)
+
+    def halo_bytes_at(self, row: int, col: int) -> int:
+        """Bytes the rank at ``(row, col)`` sends in one step (the two-phase exchange of every
+        window layer: forward, again in a checkpointed stage's recompute, and back)."""
+        return _rank_halo_bytes(self.layers, self.mesh, DTYPE_BYTES[self.dtype], row, col)
 
     def summary(self) -> dict:
         """Everything but the per-layer table, as JSON-ready values."""
         out = {k: v for k, v in asdict(self).items() if k != "layers"}
+        out["ranks"] = {r.kind: {k: v for k, v in asdict(r).items() if k != "kind"} for r in self.ranks}
         if self.mpp is not None:
             out["field_mm"] = [round(s * self.mpp / 1000, 3) for s in self.image]
         return out
+
+
+def _rank_halo_bytes(layers: Sequence[LayerPlan], mesh: tuple[int, int], eb: int, row: int, col: int) -> int:
+    """Per window layer, what one rank sends: forward, its top rows to the next row of ranks
+    (their top halo), its bottom ``max(bottom, 0)`` rows to the previous, then columns of the
+    row-extended block (``top + h + bottom`` rows) the same way; backward, the gradients of the
+    strips it received, to their owners."""
+    rows, cols = mesh
+    total = 0
+    for l in layers:
+        if l.halo is None:
+            continue
+        top, bottom, left, right = l.halo
+        n, c, bh, bw = l.in_shape
+        eh = bh + top + bottom
+        bottom, right = max(bottom, 0), max(right, 0)
+        prev_r, next_r, prev_c, next_c = row > 0, row < rows - 1, col > 0, col < cols - 1
+        fwd = (next_r * top + prev_r * bottom) * bw + (next_c * left + prev_c * right) * eh
+        bwd = (prev_r * top + next_r * bottom) * bw + (prev_c * left + next_c * right) * eh
+        forward, backward = l.exchanges
+        total += n * c * eb * (forward * fwd + backward * bwd)
+    return total
 
 
 @dataclass(slots=True)
@@ -478,6 +564,7 @@ def plan_model(
         n = _numel(factor[g](d) for g, d in zip(s.grow, s.shape))
         return n * (eb if s.floating else s.itemsize)
 
+    sharded = halo_layers and rows * cols > 1
     layers: list[LayerPlan] = []
     seen: set[int] = set()
     seg_seen: set[int] = set()
@@ -523,8 +610,12 @@ def plan_model(
         elif kind == "amax":
             keyed.append((r.ins[0], nin * eb))
             fresh += nout * 8
+            if sharded:  # global_max_pool2d keeps which rank holds each maximum: one bool per channel
+                fresh += nout
         elif kind == "measured":  # what autograd saved on the trace, scaled to the block
             keyed.extend((s.key, saved_bytes(s)) for s in r.saves)
+            if sharded:  # a functional global max pooling (a max head): its indices, and the bool owner mask
+                fresh += sum(saved_bytes(s) // 8 for s in r.saves if _is_global_max_indices(s))
         segmented = checkpointing and r.segment is not None
         if segmented and r.segment not in seg_peak:  # a new segment keeps only its input
             seg_peak[r.segment], seg_seen = 0, set()
@@ -541,20 +632,20 @@ def plan_model(
             seg_peak[r.segment] += saved
         else:
             outside += saved
-        halo_bytes = 0
+        halo_bytes, exchanges = 0, (0, 0)
         if spec is not None:
             n, c, bh, bw = ins
             eh = bh + spec.top + spec.bottom
             rows_sent = (rows - 1) / rows * (spec.top + max(spec.bottom, 0)) * bw
             cols_sent = (cols - 1) / cols * (spec.left + max(spec.right, 0)) * eh
-            directions = 1 if first_window and not input_requires_grad else 2
-            halo_bytes = round(directions * n * c * eb * (rows_sent + cols_sent))
+            exchanges = (2 if segmented else 1, 0 if first_window and not input_requires_grad else 1)
+            halo_bytes = round(sum(exchanges) * n * c * eb * (rows_sent + cols_sent))
         if kind in ("conv", "maxpool", "avgpool"):
             first_window = False
         layers.append(LayerPlan(
             name=r.name or "(model)", type=type(m).__name__, in_shape=ins, out_shape=outs,
             halo=None if spec is None else (spec.top, spec.bottom, spec.left, spec.right),
-            saved_bytes=saved, halo_bytes=halo_bytes, flops=_flops(m, ins, outs) if r.leaf else 0,
+            saved_bytes=saved, halo_bytes=halo_bytes, flops=_flops(m, ins, outs) if r.leaf else 0, exchanges=exchanges,
         ))
     activation = outside + max(seg_peak.values(), default=0) if checkpointing else sum(l.saved_bytes for l in layers)
     params = sum(p.numel() for p in model.parameters())
@@ -563,14 +654,33 @@ def plan_model(
     workspace = 2 * largest + 2**30  # a layer's output and input gradient in flight, CUDA context
     total = activation + 4 * param_bytes + workspace
     fwd = sum(l.flops for l in layers)
+    kinds: dict[str, list[tuple[int, int, int]]] = {}  # kind -> (halo bytes, row, col) of each of its ranks
+    for i, j in itertools.product(range(rows), range(cols)):
+        kinds.setdefault(rank_kind((rows, cols), i, j), []).append((_rank_halo_bytes(layers, (rows, cols), eb, i, j), i, j))
+    ranks = []
+    for kind in ("corner", "edge", "interior", "single"):
+        if kind in kinds:
+            sent, i, j = max(kinds[kind], key=lambda t: (t[0], -t[1], -t[2]))  # the first of the busiest
+            ranks.append(RankKind(kind=kind, count=len(kinds[kind]), rank=(i, j), halo_bytes_per_step=sent,
+                                  activation_bytes=int(activation), total_bytes=int(total), fits=total <= gpu_memory))
+    busiest = max(reversed(ranks), key=lambda k: k.halo_bytes_per_step)  # among equals the most interior kind
     return Plan(
         model=name, image=tuple(image), padded_image=(ph, pw), mesh=(rows, cols), block=(h, w), dtype=dtype,
         batch=batch, checkpointing=checkpointing, activation_bytes_per_rank=int(activation), param_count=params,
         param_bytes=param_bytes, grad_bytes=param_bytes, optimizer_bytes=2 * param_bytes, workspace_bytes=workspace,
         total_bytes_per_rank=int(total), halo_bytes_per_step_per_rank=sum(l.halo_bytes for l in layers),
         forward_flops_per_rank=fwd, flops_per_rank=3 * fwd + (fwd if checkpointing else 0),
-        gpu_memory_bytes=int(gpu_memory), fits=total <= gpu_memory, mpp=mpp, layers=tuple(layers),
+        gpu_memory_bytes=int(gpu_memory), fits=all(k.fits for k in ranks), mpp=mpp, layers=tuple(layers),
+        ranks=tuple(ranks), busiest_rank=busiest.rank,
     )
+
+
+def _is_global_max_indices(s: _Saved) -> bool:
+    """Whether a tensor a measured layer saved is the int64 indices of a global max pooling
+    (``(N, C, 1, 1)``): on a mesh, halo's global max pooling also keeps an ``(N, C, 1, 1)`` bool
+    saying which rank holds each maximum, which the one-process trace cannot see."""
+    return not s.floating and s.itemsize == 8 and len(s.shape) == 4 and s.grow == ("n", "1", "1", "1") \
+        and s.shape[2:] == (1, 1)
 
 
 def _flops(m: nn.Module, ins: tuple[int, ...], outs: tuple[int, ...]) -> int:
@@ -596,6 +706,13 @@ def plan(model: str, image: tuple[int, int], mesh: tuple[int, int] = (1, 1), **k
     return plan_model(build_model(model), name=model, image=image, mesh=mesh, **kwargs)
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    """A storage's identity: its address, or for storages without one (fake tensors' data_ptr()
+    is 0) the storage object itself, which views share."""
+    storage = t.untyped_storage()
+    return storage.data_ptr() or storage._cdata
+
+
 def measure_saved_bytes(step: Callable[[], torch.Tensor], exclude: Sequence[torch.Tensor] = ()) -> int:
     """Bytes autograd saves while ``step()`` runs the forward pass, each storage counted once.
 
@@ -609,11 +726,11 @@ def _saved_storages(step: Callable[[], torch.Tensor], exclude: Sequence[torch.Te
                     ) -> tuple[dict[int, int], torch.Tensor]:
     """Storage -> bytes of what autograd saves while ``step()`` runs, and ``step()``'s output
     (its graph keeps those storages alive, and their addresses distinct, while it is held)."""
-    skip = {_key(t) for t in exclude}
+    skip = {_storage_key(t) for t in exclude}
     sizes: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        k = _key(t)
+        k = _storage_key(t)
         if k not in skip:
             sizes[k] = t.untyped_storage().nbytes()
         return t
@@ -637,11 +754,230 @@ def measure_checkpointed_bytes(model: nn.Module, x: torch.Tensor) -> int:
     largest = 0
     for stage in model.trunk:
         inside = _saved_storages(lambda: stage(x), state)[0]
-        inside.pop(_key(x), None)
+        inside.pop(_storage_key(x), None)
         largest = max(largest, sum(inside.values()))
         with torch.no_grad():
             x = stage(x)
     return outside + largest
+
+
+# -- --measure: halo's real layers at the planned size, on fake tensors -------------------------
+
+#: Largest relative difference between planned and measured that ``--measure`` accepts.
+MEASURE_LIMITS = {"activation_bytes_per_rank": 0.01, "flops_per_rank": 0.03, "halo_bytes_per_step": 0.01}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Measurement:
+    """One rank's training step through halo's real layers, measured by :func:`measure`.
+
+    Attributes
+    ----------
+    rank, kind:
+        ``(row, col)`` on the mesh and its :func:`rank_kind`.
+    saved_bytes:
+        What autograd keeps for backward (each storage once, parameters and buffers not
+        counted); with checkpointing, what the checkpointed forward keeps plus the most any
+        trunk stage saves when it is recomputed (an ordinary forward of the stage on its real
+        input), less that input, as :attr:`Plan.activation_bytes_per_rank` counts.
+    forward_flops, flops:
+        ``torch.utils.flop_counter.FlopCounterMode``'s count of the forward and of the whole
+        step (forward, backward, and the recompute with checkpointing).
+    halo_bytes:
+        Bytes this rank posts as sends to ``batch_isend_irecv`` in the step (every halo
+        exchange, forward, recomputation and backward).
+    seconds, max_rss_bytes:
+        Wall time of the step and the measuring process's peak resident memory.
+    """
+
+    rank: tuple[int, int]
+    kind: str
+    saved_bytes: int
+    forward_flops: int
+    flops: int
+    halo_bytes: int
+    seconds: float
+    max_rss_bytes: int
+
+
+def measure(
+    model: str,
+    image: tuple[int, int],
+    mesh: tuple[int, int] = (1, 1),
+    *,
+    ranks: Sequence[tuple[int, int]] | None = None,
+    head: str = "max",
+    num_classes: int = 2,
+    dtype: str = "float32",
+    batch: int = 1,
+    checkpointing: bool = False,
+    timeout: float | None = None,
+) -> list[Measurement]:
+    """Run one training step of ``halo.models.build_classifier(model, num_classes, head=head)``,
+    parallelised by halo, on an ``image`` of ``(height, width)`` pixels (padded as the data path
+    pads) as each of ``ranks`` (``(row, col)``; default the plan's busiest) of a ``mesh`` sees it,
+    without allocating it.
+
+    Tensors, parameters and buffers are ``FakeTensorMode`` fakes (shapes, dtypes and storages, no
+    data) and the process group is torch's fake backend pretending to be that rank of the world
+    (collectives and point-to-point return at once): every halo layer, exchange and collective
+    runs as in training. It runs on the CPU in a fresh Python process (nothing is left
+    initialised here): ``dtype="bfloat16"`` casts the model and its input to bfloat16 (CPU
+    autocast is not CUDA's, so it is not used).
+
+    Raises
+    ------
+    RuntimeError
+        The measurement failed (its error and the tail of its output), or ran past ``timeout``.
+    """
+    import os
+    import subprocess
+
+    if ranks is None:
+        from halo.models import build_classifier
+
+        p = plan_model(build_classifier(model, num_classes, head=head), name=model, image=tuple(image),
+                       mesh=tuple(mesh), dtype=dtype, batch=batch, checkpointing=checkpointing)
+        ranks = [p.busiest_rank]
+    spec = {"model": model, "image": list(image), "mesh": list(mesh), "ranks": [list(r) for r in ranks], "head": head,
+            "num_classes": num_classes, "dtype": dtype, "batch": batch, "checkpointing": checkpointing}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-c", "import sys, halo.plan; sys.exit(halo.plan._measure_child())"]
+    try:
+        proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"the measurement of {model} on {image[0]} x {image[1]} did not finish within "
+                           f"{timeout:g} s") from e
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_MEASURED)]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"the measurement of {model} on {image[0]} x {image[1]} failed (exit {proc.returncode}):\n"
+                           f"{tail}")
+    return [Measurement(**{**d, "rank": tuple(d["rank"])}) for d in json.loads(lines[-1][len(_MEASURED):])]
+
+
+_MEASURED = "halo-plan-measured: "
+
+
+def _measure_child() -> int:
+    """The measuring process: a JSON spec on stdin (see :func:`measure`), one line of results."""
+    spec = json.loads(sys.stdin.read())
+    ranks = spec.pop("ranks")
+    spec["image"], spec["mesh"] = tuple(spec["image"]), tuple(spec["mesh"])
+    out = [asdict(_measure_rank(rank=(int(r), int(c)), **spec)) for r, c in ranks]
+    print(_MEASURED + json.dumps(out), flush=True)
+    return 0
+
+
+def _fake_state(model: nn.Module, mode) -> None:
+    """Every parameter and buffer of ``model`` replaced by a fake of it (shared ones stay shared)."""
+    memo: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        for table, wrap in ((m._parameters, True), (m._buffers, False)):
+            for k, v in list(table.items()):
+                if v is None:
+                    continue
+                if id(v) not in memo:
+                    fake = mode.from_tensor(v)
+                    memo[id(v)] = nn.Parameter(fake, requires_grad=v.requires_grad) if wrap else fake
+                table[k] = memo[id(v)]
+
+
+def _measure_rank(*, model: str, image: tuple[int, int], mesh: tuple[int, int], rank: tuple[int, int], head: str,
+                  num_classes: int, dtype: str, batch: int, checkpointing: bool) -> Measurement:
+    """One rank's step on fake tensors under a fake process group (see :func:`measure`); in a
+    process of its own, which it initialises and leaves uninitialised."""
+    import resource
+    import time
+
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import halo
+    from halo.models import build_classifier, total_stride
+
+    if dist.is_initialized():
+        raise RuntimeError("halo-plan --measure initialises a fake process group; run it in a fresh process "
+                           "(halo.plan.measure does)")
+    rows, cols = mesh
+    row, col = rank
+    if not (0 <= row < rows and 0 <= col < cols):
+        raise ValueError(f"rank {rank} is not on a {rows} x {cols} mesh")
+    torch.manual_seed(0)
+    net = build_classifier(model, num_classes, head=head, checkpointing=checkpointing)
+    stride = total_stride(net.trunk)
+    ph, pw = padded_size(image[0], rows * stride), padded_size(image[1], cols * stride)
+    kind = getattr(torch, dtype)
+    dist.init_process_group("fake", store=FakeStore(), rank=row * cols + col, world_size=rows * cols)
+    real_send = dist.batch_isend_irecv
+    try:
+        grid = halo.SpatialMesh(rows, cols)
+        assert grid.coords == (0, row, col), grid
+        net = halo.parallelize(net.to(kind), grid).train()
+        mode = FakeTensorMode()  # a real tensor meeting a fake one is an error, not a silent allocation
+        with mode:
+            _fake_state(net, mode)
+            x = halo.scatter(torch.empty(batch, 3, ph, pw, dtype=kind), grid)
+            state = list(net.parameters()) + list(net.buffers())
+            sent = [0]
+
+            def counting(ops):
+                sent[0] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+                return real_send(ops)
+
+            dist.batch_isend_irecv = counting
+            start = time.perf_counter()
+            with FlopCounterMode(display=False) as counter:
+                sizes, out = _saved_storages(lambda: net(x), state)
+                forward_flops = counter.get_total_flops()
+                out.float().sum().backward()
+                flops = counter.get_total_flops()
+            dist.batch_isend_irecv = real_send
+            saved = sum(sizes.values())
+            del out
+            if checkpointing:  # what the largest stage saves when it is recomputed, less its input (kept outside)
+                largest, h = 0, x
+                for stage in net.trunk:
+                    inside, y = _saved_storages(lambda: stage(h), state)
+                    inside.pop(_storage_key(h), None)
+                    largest = max(largest, sum(inside.values()))
+                    h = y.detach()
+                    del y
+                saved += largest
+            seconds = time.perf_counter() - start
+    finally:
+        dist.batch_isend_irecv = real_send
+        dist.destroy_process_group()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return Measurement(rank=(row, col), kind=rank_kind(mesh, row, col), saved_bytes=int(saved),
+                       forward_flops=int(forward_flops), flops=int(flops), halo_bytes=int(sent[0]),
+                       seconds=round(seconds, 3), max_rss_bytes=int(rss))
+
+
+def measure_checks(p: Plan, m: Measurement) -> list[dict]:
+    """Planned against measured, each with its relative difference and the limit ``--measure``
+    holds it to (:data:`MEASURE_LIMITS`)."""
+    rows = [("activation_bytes_per_rank", p.activation_bytes_per_rank, m.saved_bytes),
+            ("flops_per_rank", p.flops_per_rank, m.flops),
+            ("halo_bytes_per_step", p.halo_bytes_at(*m.rank), m.halo_bytes)]
+    out = []
+    for name, planned, measured in rows:
+        rel = (planned - measured) / measured if measured else (0.0 if planned == measured else float("inf"))
+        limit = MEASURE_LIMITS[name]
+        out.append({"name": name, "planned": planned, "measured": measured, "relative": rel, "limit": limit,
+                    "ok": abs(rel) <= limit})
+    return out
+
+
+def _dtype_note(dtype: str) -> str:
+    if dtype == "float32":
+        return "float32"
+    return (f"{dtype} on CPU: the model (parameters, buffers) and its input cast to {dtype}, as autocast's "
+            f"convolutions see them; CUDA autocast does nothing on CPU (on a GPU it would also keep a {dtype} copy of "
+            f"each convolution's weight, which neither column counts)")
 
 
 _UNITS = ("B", "KB", "MB", "GB", "TB")
@@ -895,12 +1231,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-mesh", type=int, default=64, metavar="N",
                    help="largest n x n mesh tried for the smallest one that fits (default 64)")
     p.add_argument("--layers", action="store_true", help="also print the per-layer table (--image)")
+    p.add_argument("--measure", action="store_true",
+                   help="with --image: also run one training step of halo's real layers at the planned size on "
+                        "fake tensors (nothing allocated) as one rank of a fake process group, in a fresh process, "
+                        "and print planned and measured saved bytes, FLOPs and halo bytes; exit 1 if saved bytes "
+                        "(or this rank's halo bytes) differ by more than 1 %% or FLOPs by more than 3 %%")
+    p.add_argument("--measure-rank", nargs=2, type=int, default=None, metavar=("ROW", "COL"),
+                   help="the rank --measure plays (default: the busiest, an interior one on meshes of 3 x 3 and up)")
+    p.add_argument("--measure-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="give up on --measure after this long (default 1800)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if min(a.mesh) < 1 or a.batch < 1 or a.num_classes < 1 or a.max_mesh < 1:
         p.error("--mesh, --batch, --num-classes and --max-mesh must be positive")
     if a.image is not None and (a.level is not None or a.root is not None or a.tissue):
         p.error("--level, --root and --tissue apply to --slide and --csv, not --image")
+    if a.image is None and (a.measure or a.measure_rank is not None):
+        p.error("--measure and --measure-rank apply to --image")
+    if a.measure_rank is not None and not (0 <= a.measure_rank[0] < a.mesh[0] and 0 <= a.measure_rank[1] < a.mesh[1]):
+        p.error(f"--measure-rank {a.measure_rank[0]} {a.measure_rank[1]} is not on the {a.mesh[0]} x {a.mesh[1]} mesh")
     try:
         model = build_classifier(a.model, a.num_classes, head=a.head)
         traced = trace_model(model)
@@ -913,12 +1262,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--image HEIGHT WIDTH must be positive")
     result = plan_model(model, name=a.model, image=tuple(a.image), mesh=tuple(a.mesh), dtype=a.dtype, batch=a.batch,
                         checkpointing=a.checkpointing, gpu_memory=a.gpu_memory * GB, mpp=a.mpp, traced=traced)
+    measured = checks = None
+    if a.measure:
+        rank = tuple(a.measure_rank) if a.measure_rank is not None else result.busiest_rank
+        try:
+            [measured] = measure(a.model, tuple(a.image), tuple(a.mesh), ranks=[rank], head=a.head,
+                                 num_classes=a.num_classes, dtype=a.dtype, batch=a.batch,
+                                 checkpointing=a.checkpointing, timeout=a.measure_timeout)
+        except RuntimeError as e:
+            print(f"halo-plan --measure: {e}", file=sys.stderr)
+            return 1
+        checks = measure_checks(result, measured)
+    status = 0
+    if checks is not None and not all(c["ok"] for c in checks):
+        bad = ", ".join(f"{c['name']} by {100 * c['relative']:+.2f} % (limit {100 * c['limit']:g} %)"
+                        for c in checks if not c["ok"])
+        print(f"halo-plan --measure: the plan differs from what rank {measured.rank} measured: {bad}", file=sys.stderr)
+        status = 1
     if a.json:
         out = result.summary()
         if a.layers:
             out["layers"] = [asdict(l) for l in result.layers]
+        if measured is not None:
+            out["measured"] = {**asdict(measured), "global_rank": measured.rank[0] * a.mesh[1] + measured.rank[1],
+                               "dtype": _dtype_note(a.dtype), "checks": checks, "ok": status == 0}
         print(json.dumps(out, indent=2))
-        return 0
+        return status
     s = result.summary()
     print(f"{a.model} with a {a.head} head on {s['image'][0]} x {s['image'][1]} (H x W; padded {s['padded_image'][0]} x "
           f"{s['padded_image'][1]}), mesh {a.mesh[0]} x {a.mesh[1]}, block {s['block'][0]} x {s['block'][1]}, "
@@ -929,11 +1298,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {key:30s} {_fmt(s[key])}")
     print(f"  {'flops_per_rank':30s} {s['flops_per_rank'] / 1e12:.2f} TFLOP per step")
     print(f"  {'fits':30s} {s['fits']} ({a.gpu_memory:g} GB per GPU)")
+    if len(result.ranks) > 1 or result.ranks[0].kind != "single":
+        print("  per kind of rank (its busiest rank; halo_bytes_per_step_per_rank above is the mean over ranks):")
+        for k in result.ranks:
+            print(f"    {k.kind:9s} {k.count:4d} ranks  rank {k.rank[0]},{k.rank[1]}  halo {_fmt(k.halo_bytes_per_step):>9s} "
+                  f"per step  peak {_fmt(k.total_bytes)}  {'fits' if k.fits else 'does not fit'}")
     if a.layers:
         for l in result.layers:
             print(f"  {l.name:28s} {l.type:18s} {str(l.out_shape):26s} saved {_fmt(l.saved_bytes):>10s} "
                   f"halo {_fmt(l.halo_bytes):>10s}")
-    return 0
+    if measured is not None:
+        r, c = measured.rank
+        print(f"measured: rank {r * a.mesh[1] + c} (row {r}, col {c}, {measured.kind}) of the {a.mesh[0]} x {a.mesh[1]} "
+              f"mesh, one training step{' with checkpointing' if a.checkpointing else ''} of halo's layers on fake "
+              f"tensors and a fake process group, {measured.seconds:.1f} s, {_fmt(measured.max_rss_bytes)} peak RSS; "
+              f"{_dtype_note(a.dtype)}")
+        print(f"  {'':30s} {'planned':>20s} {'measured':>20s} {'difference':>11s}")
+        for ch in checks:
+            unit = (lambda v: f"{v / 1e12:.4f} TFLOP") if ch["name"] == "flops_per_rank" else (lambda v: f"{v:,} B")
+            name = ch["name"] + (" (this rank)" if ch["name"] == "halo_bytes_per_step" else "")
+            print(f"  {name:30s} {unit(ch['planned']):>20s} {unit(ch['measured']):>20s} {100 * ch['relative']:+10.3f} % "
+                  f" limit {100 * ch['limit']:g} %  {'ok' if ch['ok'] else 'DIFFERS'}")
+    return status
 
 
 if __name__ == "__main__":

@@ -142,9 +142,14 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 def _mem(value: Any) -> dict[str, Any]:
-    """``launcher.mem`` as sbatch wants it: a number is GB, a string goes as written."""
+    """``launcher.mem`` as sbatch wants it: a number is GB (also as text: the typed config holds
+    ``launcher.mem=64`` as ``"64"``, which sbatch would read as MB), anything else goes as written."""
     if value is None or value == "":
         return {}
+    try:
+        value = float(value) if isinstance(value, str) else value
+    except ValueError:
+        return {"mem": value}
     if isinstance(value, (int, float)):
         return {"mem": f"{int(value)}G" if float(value).is_integer() else f"{int(value * 1024)}M"}
     return {"mem": str(value)}

@@ -18,7 +18,8 @@ import queue
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -121,3 +122,26 @@ class ProcessPool:
             self.close()
             raise
         return [out[r] for r in range(self.world_size)]
+
+
+@contextmanager
+def counting_sends() -> Iterator[list[int]]:
+    """Count the bytes this rank posts with ``dist.batch_isend_irecv`` inside the block.
+
+    Yields a one-item list whose item is the running total (the halo exchange sends through
+    ``batch_isend_irecv`` only).
+    """
+    import torch.distributed as dist
+
+    sent = [0]
+    real = dist.batch_isend_irecv
+
+    def counting(ops):
+        sent[0] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+        return real(ops)
+
+    dist.batch_isend_irecv = counting
+    try:
+        yield sent
+    finally:
+        dist.batch_isend_irecv = real

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import halo
 from data_fixtures import noise_slide_image, write_csv, write_slide
-from distributed import shared_mesh
+from distributed import counting_sends, shared_mesh
 from halo.data import SlideDataset
 from halo.models import build_classifier, total_stride
 from halo.plan import main, measure_checkpointed_bytes, measure_saved_bytes, plan, plan_model
@@ -48,23 +47,13 @@ def measure_rank(name: str, rows: int, cols: int, height: int, width: int, batch
     model = halo.parallelize(_pools() if name == "pools" else _model(name), mesh)
     image = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
     x = halo.scatter(image, mesh)
-    sent = [0]
-    real = dist.batch_isend_irecv
-
-    def counting(ops):
-        sent[0] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
-        return real(ops)
-
     out: list[torch.Tensor] = []
     exclude = list(model.parameters()) + list(model.buffers())
-    dist.batch_isend_irecv = counting
-    try:
+    with counting_sends() as sent:
         with FlopCounterMode(display=False) as forward:
             saved = measure_saved_bytes(lambda: out.append(model(x)) or out[0], exclude)
         with FlopCounterMode(display=False) as backward:
             out[0].sum().backward()
-    finally:
-        dist.batch_isend_irecv = real
     fwd = forward.get_total_flops()
     return saved, sent[0], fwd, fwd + backward.get_total_flops()
 

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import halo
 import halo.plan as hp
-from distributed import ProcessPool, shared_mesh
+from distributed import ProcessPool, counting_sends, shared_mesh
 from halo.models import build_classifier
 from halo.plan import main, measure, measure_checkpointed_bytes, measure_saved_bytes, plan_model, rank_kind
 
@@ -69,23 +69,13 @@ def _real_step(name: str, rows: int, cols: int, h: int, w: int, checkpointing: b
     mesh = shared_mesh(rows, cols)
     model = halo.parallelize(build_classifier(name, 2, head="max", checkpointing=checkpointing), mesh).train()
     x = halo.scatter(torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(1)), mesh)
-    sent = [0]
-    real = dist.batch_isend_irecv
-
-    def counting(ops):
-        sent[0] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
-        return real(ops)
-
     out: list[torch.Tensor] = []
     state = list(model.parameters()) + list(model.buffers())
-    dist.batch_isend_irecv = counting
-    try:
+    with counting_sends() as sent:
         with FlopCounterMode(display=False) as counter:
             saved = measure_saved_bytes(lambda: out.append(model(x)) or out[0], state)
             fwd = counter.get_total_flops()
             out[0].sum().backward()
-    finally:
-        dist.batch_isend_irecv = real
     if checkpointing:
         saved = measure_checkpointed_bytes(model, x)
     return saved, fwd, counter.get_total_flops(), sent[0]

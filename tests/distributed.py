@@ -63,7 +63,19 @@ def _worker(rank: int, world_size: int, store: str, path: list[str], tasks, resu
             results.put((rank, True, fn(*args, **kwargs)))
         except BaseException:  # noqa: BLE001 - every failure goes back to pytest
             results.put((rank, False, traceback.format_exc()))
+        _trim()  # a big model's memory goes back to the system, not only to glibc's heap
     dist.destroy_process_group()
+
+
+def _trim() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class ProcessPool:

@@ -43,6 +43,7 @@ __all__ = [
     "Source",
     "discover",
     "expand_nodelist",
+    "slurm_restarts",
     "init_distributed",
     "shutdown",
     "slurm_port",
@@ -389,6 +390,12 @@ def init_distributed(
         timeout=timedelta(seconds=timeout_s),
     )
     return env
+
+
+def slurm_restarts(environ: Mapping[str, str] | None = None) -> int:
+    """How many times SLURM has restarted this job (``SLURM_RESTART_COUNT``; 0 when unset or not SLURM)."""
+    value = (os.environ if environ is None else environ).get("SLURM_RESTART_COUNT", "").strip()
+    return int(value) if value.isdigit() else 0
 
 
 def shutdown() -> None:

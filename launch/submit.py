@@ -14,8 +14,9 @@ What it does:
 2. One job of ``nodes x tasks_per_node`` tasks is submitted: ``launcher=slurm`` with
    submitit's `SlurmExecutor` (``srun --kill-on-bad-exit=1``; a failing task ends the step),
    ``launcher=local`` with its `LocalExecutor` (``tasks_per_node`` processes here). Each task
-   runs `TrainJob`: `launch.env.init_distributed` (which reads submitit's / SLURM's variables),
-   then `halo.train.run` inside `launch.failure.guard` (a lost rank ends the job, named).
+   runs `TrainJob`, which starts as every halo-train process does (`launch.train.start`):
+   `launch.env.init_distributed` (which reads submitit's / SLURM's variables), then
+   `halo.train.run` inside `launch.failure.guard` (a lost rank ends the job, named).
 3. It prints the job id and where the logs are (``<run dir>/submitit/<job id>/``), copies
    rank 0's log to stdout while it waits (``launcher.follow``), and exits 0 with the run's
    summary, or non-zero with the job's state and the tail of every task's error log.
@@ -88,43 +89,18 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def config(self) -> DictConfig:
         """The config this task trains with (``train.resume=true`` after a SLURM requeue)."""
-        cfg = OmegaConf.create(self.cfg)
-        restarts = os.environ.get("SLURM_RESTART_COUNT", "")
-        if restarts.isdigit() and int(restarts) > 0 and cfg.mode == "train" and not cfg.train.resume:
-            log.info("SLURM restart %s of this job: resuming from the last checkpoint", restarts)
-            cfg.train.resume = True
-        return cfg
+        from launch.train import resume_if_requeued
+
+        return resume_if_requeued(OmegaConf.create(self.cfg))
 
     def __call__(self) -> dict[str, Any]:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
         logging.getLogger("submitit").propagate = False  # it has its own handler
-        from launch.env import init_distributed, shutdown
-        from launch.failure import guard
+        from launch.train import start
 
-        from halo.train import run
-
-        cfg = self.config()
-        env = init_distributed(backend=cfg.dist.backend, timeout_s=float(cfg.dist.timeout_s))
-        log.info("rank %d of %d (%s), run dir %s, resume=%s", env.rank, env.world_size, env.source,
-                 self.run_dir, cfg.train.resume)
-        with guard(env):  # a failing rank ends the whole job, naming itself; nothing hangs
-            try:
-                summary = run(cfg, self.run_dir, env=env)
-            except SystemExit as exc:
-                if not self._requeued:
-                    raise
-                # submitit's SIGUSR2 handler requeued the job and exits: leave with its code
-                # (the local executor requeues on its own exit code), not as a failure.
-                code = exc.code if isinstance(exc.code, int) else 1
-                log.info("requeued (preempted or timed out): leaving with exit code %d", code)
-                for stream in (sys.stdout, sys.stderr):
-                    stream.flush()
-                os._exit(code & 0xFF)
-        if env.rank == 0:
-            print(json.dumps({"run_dir": summary.get("run_dir"), "val_auc": summary.get("val_auc")}), flush=True)
-        shutdown()
-        return summary
+        # submitit's SIGUSR2 handler requeues the job and exits: leave with its code then
+        return start(self.config(), self.run_dir, requeued=lambda: self._requeued)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 when the job is preempted or times out.

@@ -71,14 +71,8 @@ def _run(csv_path: str, run_dir: str, extra: list[str]) -> dict:
     logger = logging.getLogger("halo.train")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    import torch.distributed as dist
-
-    from launch.env import DistEnv
-
-    env = DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=dist.get_rank(),
-                  master_addr="localhost", master_port=29500, source="single")
     try:
-        summary = run(cfg, run_dir=run_dir, env=env)
+        summary = run(cfg, run_dir=run_dir)
     finally:
         logger.removeHandler(handler)
     return {"summary": summary, "log": records}
@@ -340,3 +334,120 @@ def test_validation_keeps_no_heatmap_once_written(pool1, tmp_path: Path) -> None
     assert len(out["alive_at_write"]) == 6, out["alive_at_write"]  # one heatmap per validation slide
     assert out["alive_at_write"] == [0] * 6 and out["alive_after"] == 0, out  # memory flat in the slide count
     assert len(list((tmp_path / "run" / "heatmaps").glob("*.png"))) == 6
+
+
+# -- checkpoints: resume in every trunk mode, and load on another mesh -------------------------------
+def _final_weights(run_dir: str) -> dict:
+    from halo.checkpoint import load_checkpoint
+
+    return load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt")["model_state"]
+
+
+def _epoch_of_last(run_dir: str) -> int:
+    from halo.checkpoint import load_checkpoint
+
+    return load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt")["state"]["epoch"]
+
+
+def _run_stopping_after_one_epoch(csv_path: str, run_dir: str, extra: list[str]) -> None:
+    """``_run``, killed (an exception) right after the first epoch's checkpoint is written."""
+    from halo.train import checkpoint
+
+    save = checkpoint.save
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt("stopped after the first epoch's checkpoint")
+
+    checkpoint.save = save_then_stop
+    try:
+        _run(csv_path, run_dir, extra)
+    except KeyboardInterrupt:
+        return
+    finally:
+        checkpoint.save = save
+    raise AssertionError("the run did not reach its first checkpoint")
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("mode", ["full", "frozen", "freeze_stages", "unfreeze_at"])
+def test_a_resumed_run_equals_the_uninterrupted_one_in_every_trunk_mode(pool1, tmp_path: Path, mode: str) -> None:
+    """Two epochs in one go, and the same run stopped after its first checkpoint then resumed: the
+    same weights, bit for bit, and the same losses.
+
+    ``unfreeze_at=2`` unfreezes at the resumed epoch, so the rebuilt DDP and parameter groups
+    must come back from the checkpoint as they were (the trunk's learning rates included).
+    """
+    cohort = _write_cohort(tmp_path, {n: s for n, s in zip("abcdef", ["train"] * 4 + ["val"] * 2)})
+    extra = {"full": [], "frozen": ["train.trunk=frozen"], "freeze_stages": ["train.freeze_stages=2"],
+             "unfreeze_at": ["train.freeze_stages=2", "train.unfreeze_at=2", "train.trunk_lr_scale=0.5"]}[mode]
+    extra = ["train.epochs=2", *extra, "data.augment.enabled=true", "train.heatmaps=false"]  # augmentation draws
+    once, twice = str(tmp_path / "once"), str(tmp_path / "twice")
+    pool1.run(_run, str(cohort), once, extra)
+    pool1.run(_run_stopping_after_one_epoch, str(cohort), twice, extra)
+    assert pool1.run(_epoch_of_last, twice)[0] == 1
+    out = pool1.run(_run, str(cohort), twice, [*extra, "train.resume=true"])[0]
+    assert any("resumed from" in line for line in out["log"]), out["log"]
+    a, b = pool1.run(_final_weights, once)[0], pool1.run(_final_weights, twice)[0]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch_equal(a[name], b[name]), f"{mode}: {name} differs after resuming"
+    m1, m2 = _rows(Path(once) / "metrics.csv"), _rows(Path(twice) / "metrics.csv")
+    assert [r["train_loss"] for r in m1] == [r["train_loss"] for r in m2] and len(m1) == 2
+
+
+@pytest.mark.timeout(300)
+def test_resuming_with_another_schedule_length_is_refused(pool1, tmp_path: Path) -> None:
+    """A one-cycle schedule is planned over epochs x steps: resuming a 1-epoch run with
+    train.epochs=2 would fail deep in torch (``Tried to step 5 times``) after an epoch's work."""
+    cohort = _write_cohort(tmp_path, {"a": "train", "b": "train", "c": "val", "d": "val"})
+    run_dir = str(tmp_path / "run")
+    pool1.run(_run, str(cohort), run_dir, ["train.epochs=1", "train.heatmaps=false"])
+    message = pool1.run(_refused, str(cohort), run_dir, ["train.epochs=2", "train.resume=true"])[0]
+    assert "onecycle" in message and "train.epochs=1" in message and "train.epochs=2" in message, message
+    assert "train.schedule=constant" in message, message
+
+
+def _predict(csv_path: str, run_dir: str, checkpoint: str, mesh: str) -> dict:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["HALO_RUN_ID"] = f"mesh{mesh}_world{dist.get_world_size()}"  # predict/<id>/, one per call
+    rows, cols = mesh.split("x")
+    return _run(csv_path, run_dir, ["mode=predict", f"checkpoint={checkpoint}", f"mesh.rows={rows}",
+                                    f"mesh.cols={cols}", "train.heatmaps=false"])
+
+
+@pytest.mark.timeout(400)
+def test_a_checkpoint_predicts_the_same_on_another_mesh_and_world_size(pool1, pool2, tmp_path: Path) -> None:
+    """Trained on one process (mesh 1x1), predicted on two ranks as two 1x1 image groups: the same
+    probabilities (written to 6 decimals). As one 1x2 group, a slide padded to the same size is
+    predicted the same; one padded wider (blocks are multiples of the stride) sees more
+    background, may differ, and the log says so."""
+    cohort = _write_cohort(tmp_path, {n: s for n, s in zip("abcdef", ["train"] * 4 + ["val"] * 2)})
+    run_dir = tmp_path / "run"
+    pool1.run(_run, str(cohort), str(run_dir), ["train.heatmaps=false"])
+    best = str(run_dir / "checkpoints" / "best.pt")
+    one = pool1.run(_predict, str(cohort), str(run_dir), best, "1x1")[0]
+    wide = pool2.run(_predict, str(cohort), str(run_dir), best, "1x2")[0]
+    groups = pool2.run(_predict, str(cohort), str(run_dir), best, "1x1")[0]
+
+    def probs(out: dict) -> dict[str, float]:
+        rows = _rows(Path(out["summary"]["run_dir"]) / "predictions.csv")
+        return {r["slide"]: float(r["prob_tumour"]) for r in rows}
+
+    def padded(out: dict) -> dict[str, tuple[str, str]]:
+        rows = _rows(Path(out["summary"]["run_dir"]) / "slides.csv")
+        return {r["key"]: (r["padded_height"], r["padded_width"]) for r in rows}
+
+    p1, p2, p3 = probs(one), probs(wide), probs(groups)
+    assert len(p1) == 6 and p1.keys() == p2.keys() == p3.keys()
+    for key in p1:
+        assert p3[key] == pytest.approx(p1[key], rel=1e-5, abs=2e-6), key
+        if padded(one)[key] == padded(wide)[key]:
+            assert p2[key] == pytest.approx(p1[key], rel=1e-5, abs=2e-6), key
+    assert not any("trained on mesh" in line for line in one["log"] + groups["log"])
+    assert any("trained on mesh 1x1, this run uses 1x2" in line for line in wide["log"]), wide["log"]
+    one, wide, groups = one["summary"], wide["summary"], groups["summary"]
+    assert len({one["run_dir"], wide["run_dir"], groups["run_dir"]}) == 3  # each into its own predict/<id>/

@@ -7,8 +7,10 @@ of the mean loss. Rank 0 writes the run directory (``hydra.run.dir``, the same o
 rank): ``.hydra/config.yaml``, ``metrics.csv``, ``summary.json``, ``predictions.csv``,
 ``checkpoints/{last,best}.pt`` and ``heatmaps/*.png``.
 
-``@hydra.main`` is a thin shell around :func:`run`, which tests call directly; :func:`train`
-and :func:`predict` are plain functions of a composed config. The parts, each with one owner:
+:func:`run`, :func:`train` and :func:`predict` are plain functions of a composed config and an
+initialised process group; tests call them in-process. Process discovery, the failure guard and
+``@hydra.main`` live in :mod:`launch.train` (``halo-train``, ``python -m halo.train``): this package
+imports nothing from ``launch``. The parts, each with one owner:
 
 * :mod:`halo.train.config` - the typed config (one dataclass per group, in Hydra's ConfigStore);
 * :mod:`halo.train.job` - this rank's device, mesh and sharded model;
@@ -21,20 +23,17 @@ and :func:`predict` are plain functions of a composed config. The parts, each wi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from halo.train.config import check  # also registers the typed schema (halo_schema) with Hydra
 
-__all__ = ["run", "train", "predict", "main", "run_id", "CONF_DIR"]
+__all__ = ["run", "train", "predict", "check", "run_id", "CONF_DIR"]
 
 log = logging.getLogger("halo.train")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -63,16 +62,19 @@ def _run_dir(cfg: DictConfig) -> Path:
         return Path(cfg.get("run_dir") or "runs/manual")
 
 
-def run(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None, env=None) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Train (``mode=train``) or predict (``mode=predict``) as ``cfg`` says; returns the summary.
 
-    Initialises torch.distributed from the environment (torchrun, SLURM, MPI, or a single
-    process) unless it already is.
+    Needs an initialised ``torch.distributed`` process group (world 1 works): `launch.train`
+    starts one from the launcher's environment. ``run_dir`` is Hydra's output directory when None.
     """
-    from launch.env import init_distributed
+    import torch.distributed as dist
 
-    check(cfg)  # a value outside its choices stops here, before any process group or file
-    env = env or init_distributed(backend=cfg.dist.backend, timeout_s=float(cfg.dist.timeout_s))
+    check(cfg)  # a value outside its choices stops here, before any file is written
+    if not dist.is_initialized():
+        raise RuntimeError("halo.train.run needs an initialised torch.distributed process group: start it with "
+                           "launch.init_distributed() (halo-train and python -m halo.train do), or "
+                           "torch.distributed.init_process_group('gloo', ...) for one process")
     run_dir = Path(run_dir) if run_dir is not None else _run_dir(cfg)
     return (train if cfg.mode == "train" else predict)(cfg, run_dir)
 
@@ -181,7 +183,9 @@ def predict(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if not cfg.checkpoint:
         raise InputError("halo-train: mode=predict needs checkpoint=PATH (a best.pt or last.pt)")
     job = start(cfg, run_dir)
-    checkpoint.load_model(job, cfg.checkpoint)
+    note = checkpoint.mesh_note(checkpoint.load_model(job, cfg.checkpoint), job)
+    if note and job.is_main:
+        log.warning(note)
     source = SlideSource(job)
     ds = source.dataset(None, validate=True)
     metrics, rows = evaluate(job, source, ds, heatmaps=cfg.train.heatmaps)
@@ -205,24 +209,3 @@ def _barrier() -> None:
     import torch.distributed as dist
 
     dist.barrier()
-
-
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    from launch.env import init_distributed, shutdown
-    from launch.failure import guard
-
-    if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:  # requeued by SLURM: continue, do not restart
-        cfg.train.resume = True
-    env = init_distributed(backend=cfg.dist.backend, timeout_s=float(cfg.dist.timeout_s))
-    with guard(env):  # a failing rank ends the whole job, naming itself; nothing hangs
-        summary = run(cfg, env=env)
-        if env.rank == 0:
-            print(json.dumps({"run_dir": summary.get("run_dir"), "val_auc": summary.get("val_auc")}))
-    shutdown()
-
-
-def main() -> None:
-    """Console script ``halo-train`` (also ``python -m halo.train``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    _hydra_main()

@@ -19,9 +19,10 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from halo.checkpoint import FORMAT, check_signature, load_checkpoint, save_atomic
+from halo.errors import InputError
 from halo.train.job import Job, all_gather
 
-__all__ = ["rng_state", "set_rng_state", "save", "restore", "load_model"]
+__all__ = ["rng_state", "set_rng_state", "save", "restore", "load_model", "mesh_note"]
 
 log = logging.getLogger("halo.train")
 
@@ -68,6 +69,7 @@ def restore(job: Job, path: Path, opt, sched) -> dict[str, Any]:
     """Load ``path`` into the model, optimizer, scheduler and this rank's generators; the run's progress."""
     ckpt = load_checkpoint(path)
     check_signature(ckpt, job.signature, path)
+    _check_schedule(job, ckpt, path, sched)
     job.model.load_state_dict(ckpt["model_state"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
@@ -81,8 +83,58 @@ def restore(job: Job, path: Path, opt, sched) -> dict[str, Any]:
     return dict(ckpt["state"])
 
 
-def load_model(job: Job, path: str | Path) -> None:
-    """Load the model of a checkpoint written on any mesh and world size (its signature must match)."""
+def _span(sched_state: dict[str, Any]) -> int | None:
+    """How many optimizer steps a schedule is planned over (one-cycle, cosine; None: unbounded)."""
+    return sched_state.get("total_steps", sched_state.get("T_max"))
+
+
+def _check_schedule(job: Job, ckpt: dict[str, Any], path: Path, sched) -> None:
+    """Refuse to resume into a learning-rate schedule other than the checkpoint's.
+
+    One-cycle and cosine schedules are planned over ``epochs x optimizer steps per epoch``;
+    loading a shorter one's state and stepping on fails deep in torch (``Tried to step N
+    times``) after an epoch's work, and a longer one would silently restart its cycle.
+    """
+    t = job.cfg.train
+    before = (ckpt.get("config") or {}).get("train") or {}
+    old_kind = before.get("schedule", t.schedule)
+    old_span, new_span = _span(ckpt["scheduler"]), _span(sched.state_dict())
+    if old_kind == t.schedule and old_span == new_span:
+        return
+    old_epochs = before.get("epochs", "?")
+    raise InputError(
+        f"halo-train: {path} was written by a run whose {old_kind} learning-rate schedule spans "
+        f"{old_span or 'no fixed number of'} optimizer steps (train.epochs={old_epochs}); this run's {t.schedule} "
+        f"schedule spans {new_span or 'no fixed number of'} (train.epochs={t.epochs}, world size "
+        f"{dist.get_world_size()}, train.accumulate={t.accumulate}). Resume with train.epochs={old_epochs} "
+        f"and the same world size, accumulation and schedule; to train on for more epochs use "
+        f"train.schedule=constant, or start a new run from its weights")
+
+
+def load_model(job: Job, path: str | Path) -> dict[str, Any]:
+    """Load the model of a checkpoint written on any mesh and world size (its signature must match).
+
+    Returns the config the checkpoint was trained with (empty for checkpoints without one).
+    """
     ckpt = load_checkpoint(path)
     check_signature(ckpt, job.signature, path)
     job.model.load_state_dict(ckpt["model_state"])
+    return ckpt.get("config") or {}
+
+
+def mesh_note(trained: dict[str, Any], job: Job) -> str | None:
+    """Why predictions on this mesh may differ slightly from those on the training mesh, or None.
+
+    Every rank's block is a multiple of the network's stride, so a slide's region is padded to
+    a multiple of ``rows x stride`` by ``cols x stride``: another mesh can pad it with more
+    background, which the slide head pools over too. The network itself is exact on any mesh.
+    """
+    mesh = trained.get("mesh") or {}
+    before = (mesh.get("rows"), mesh.get("cols"))
+    now = (job.mesh.rows, job.mesh.cols)
+    if None in before or before == now:
+        return None
+    return (f"the checkpoint was trained on mesh {before[0]}x{before[1]}, this run uses {now[0]}x{now[1]}: a slide "
+            f"whose region is padded to another size here (slides.csv: padded_height, padded_width) is seen with "
+            f"more or less background padding, and its prediction can differ slightly; mesh.rows={before[0]} "
+            f"mesh.cols={before[1]} pads as in training")

@@ -1,0 +1,93 @@
+"""``halo-train`` (and ``python -m halo.train``): process discovery and job start around `halo.train.run`.
+
+The one start-up path of a training or prediction process, whatever started it (torchrun,
+``mpiexec``, ``srun``/``sbatch``, submitit's `launch.submit.TrainJob`, or nothing)::
+
+    check(cfg)                      # a bad value stops here, before any process group or file
+    resume_if_requeued(cfg)         # a SLURM requeue continues from checkpoints/last.pt
+    env = init_distributed(...)     # launch.env: who this process is
+    with guard(env):                # launch.failure: a lost rank ends the job, named
+        halo.train.run(cfg)
+
+`halo.train` is a library of plain functions and imports nothing from `launch`; `launch`
+calls its public entry points only (``run``, ``check``, ``CONF_DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from halo.train import CONF_DIR, check, run
+from launch.env import init_distributed, shutdown, slurm_restarts
+from launch.failure import guard
+
+__all__ = ["main", "start", "resume_if_requeued"]
+
+log = logging.getLogger("halo.train")
+
+
+def resume_if_requeued(cfg: DictConfig) -> DictConfig:
+    """Set ``train.resume=true`` when SLURM restarted this job (``SLURM_RESTART_COUNT > 0``).
+
+    A job requeued by ``scontrol requeue``, a node failure or submitit's preemption handler
+    runs again from the start of its batch script: it must continue from ``last.pt``, not
+    train afresh (which the run directory would refuse anyway). Returns ``cfg``.
+    """
+    restarts = slurm_restarts()
+    if restarts > 0 and cfg.mode == "train" and not cfg.train.resume:
+        log.info("SLURM restart %d of this job: resuming from the last checkpoint", restarts)
+        cfg.train.resume = True
+    return cfg
+
+
+def start(cfg: DictConfig, run_dir: str | None = None, *,
+          requeued: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Check ``cfg``, join the job's process group and run it under the failure guard; the summary.
+
+    ``run_dir`` is Hydra's output directory when None. Rank 0 prints a one-line JSON result.
+    ``requeued`` says whether a ``SystemExit`` during the run is submitit's requeue on
+    preemption or time-out (`launch.submit.TrainJob`): the process then leaves with that
+    exit code at once (submitit's local executor requeues on it), not as a failure.
+    """
+    check(cfg)
+    resume_if_requeued(cfg)
+    env = init_distributed(backend=cfg.dist.backend, timeout_s=float(cfg.dist.timeout_s))
+    log.info("rank %d of %d (%s), resume=%s", env.rank, env.world_size, env.source, cfg.train.resume)
+    with guard(env):  # a failing rank ends the whole job, naming itself; nothing hangs
+        try:
+            summary = run(cfg, run_dir)
+        except SystemExit as exc:
+            if not requeued():
+                raise
+            code = exc.code if isinstance(exc.code, int) else 1
+            log.info("requeued (preempted or timed out): leaving with exit code %d", code)
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(code & 0xFF)
+        if env.rank == 0:
+            print(json.dumps({"run_dir": summary.get("run_dir"), "val_auc": summary.get("val_auc")}), flush=True)
+    shutdown()
+    return summary
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    start(cfg)
+
+
+def main() -> None:
+    """Console script ``halo-train`` (also ``python -m halo.train`` and ``python -m launch.train``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -212,6 +212,23 @@ def test_plan_pickles_and_rot90_padding(slide_path: Path) -> None:
         hd.read_block(plan, 2, 0)
 
 
+def test_a_canvas_pads_the_same_on_every_grid_it_fits(slide_path: Path) -> None:
+    """Without a canvas, 1x1 and 2x2 pad a slide to multiples of 16 and 32 pixels: another padded
+    size and origin. With ``canvas=64`` every grid whose unit divides 64 reads the same region."""
+    plain = {g: hd.plan_region(slide_path, grid=g, multiple=16, mpp=1.0) for g in [(1, 1), (2, 2)]}
+    assert plain[(1, 1)].padded_size != plain[(2, 2)].padded_size  # this slide: the premise of the test
+    plans = {g: hd.plan_region(slide_path, grid=g, multiple=16, mpp=1.0, canvas=64)
+             for g in [(1, 1), (1, 2), (2, 1), (2, 2), (4, 4)]}
+    first = plans[(1, 1)]
+    assert first.padded_size[0] % 64 == 0 and first.padded_size[1] % 64 == 0
+    for g, plan in plans.items():
+        assert (plan.padded_size, plan.origin) == (first.padded_size, first.origin), g
+        np.testing.assert_array_equal(hd.read_full(plan), hd.read_full(first))
+    assert hd.plan_region(slide_path, grid=(3, 1), multiple=16, mpp=1.0, canvas=64).padded_size[1] % 192 == 0
+    with pytest.raises(ValueError, match="canvas"):
+        hd.plan_region(slide_path, grid=(1, 1), multiple=16, mpp=1.0, canvas=0)
+
+
 def test_errors_name_the_file(tmp_path: Path, slide_path: Path) -> None:
     missing = tmp_path / "nope.svs"
     with pytest.raises(hd.SlideOpenError, match="no such file") as ei:

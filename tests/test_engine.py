@@ -408,25 +408,26 @@ def test_resuming_with_another_schedule_length_is_refused(pool1, tmp_path: Path)
     assert "train.schedule=constant" in message, message
 
 
-def _predict(csv_path: str, run_dir: str, checkpoint: str, mesh: str) -> dict:
+def _predict(csv_path: str, run_dir: str, checkpoint: str, mesh: str, extra: list[str] = ()) -> dict:
     import os
 
     import torch.distributed as dist
 
-    os.environ["HALO_RUN_ID"] = f"mesh{mesh}_world{dist.get_world_size()}"  # predict/<id>/, one per call
+    os.environ["HALO_RUN_ID"] = f"mesh{mesh}_world{dist.get_world_size()}_{len(extra)}"  # predict/<id>/ per call
     rows, cols = mesh.split("x")
     return _run(csv_path, run_dir, ["mode=predict", f"checkpoint={checkpoint}", f"mesh.rows={rows}",
-                                    f"mesh.cols={cols}", "train.heatmaps=false"])
+                                    f"mesh.cols={cols}", "train.heatmaps=false", *extra])
 
 
 @pytest.mark.timeout(400)
 def test_a_checkpoint_predicts_the_same_on_another_mesh_and_world_size(pool1, pool2, tmp_path: Path) -> None:
     """Trained on one process (mesh 1x1), predicted on two ranks as two 1x1 image groups: the same
-    probabilities (written to 6 decimals). As one 1x2 group, a slide padded to the same size is
-    predicted the same; one padded wider (blocks are multiples of the stride) sees more
-    background, may differ, and the log says so."""
+    probabilities (written to 6 decimals). As one 1x2 group, slides are padded to multiples of
+    32 pixels instead of 16 (blocks are multiples of the stride): the log says predictions can
+    differ and that mesh 1x1 pads as training did. A run trained with ``data.canvas=32`` pads
+    every slide the same on 1x1 and 1x2, and predicts the same on both."""
     cohort = _write_cohort(tmp_path, {n: s for n, s in zip("abcdef", ["train"] * 4 + ["val"] * 2)})
-    run_dir = tmp_path / "run"
+    run_dir, fixed = tmp_path / "run", tmp_path / "fixed"
     pool1.run(_run, str(cohort), str(run_dir), ["train.heatmaps=false"])
     best = str(run_dir / "checkpoints" / "best.pt")
     one = pool1.run(_predict, str(cohort), str(run_dir), best, "1x1")[0]
@@ -437,17 +438,23 @@ def test_a_checkpoint_predicts_the_same_on_another_mesh_and_world_size(pool1, po
         rows = _rows(Path(out["summary"]["run_dir"]) / "predictions.csv")
         return {r["slide"]: float(r["prob_tumour"]) for r in rows}
 
-    def padded(out: dict) -> dict[str, tuple[str, str]]:
-        rows = _rows(Path(out["summary"]["run_dir"]) / "slides.csv")
-        return {r["key"]: (r["padded_height"], r["padded_width"]) for r in rows}
-
-    p1, p2, p3 = probs(one), probs(wide), probs(groups)
-    assert len(p1) == 6 and p1.keys() == p2.keys() == p3.keys()
+    p1, p3 = probs(one), probs(groups)
+    assert len(p1) == 6 and p1.keys() == p3.keys() == probs(wide).keys()
     for key in p1:
         assert p3[key] == pytest.approx(p1[key], rel=1e-5, abs=2e-6), key
-        if padded(one)[key] == padded(wide)[key]:
-            assert p2[key] == pytest.approx(p1[key], rel=1e-5, abs=2e-6), key
     assert not any("trained on mesh" in line for line in one["log"] + groups["log"])
-    assert any("trained on mesh 1x1, this run uses 1x2" in line for line in wide["log"]), wide["log"]
+    note = [line for line in wide["log"] if "trained on mesh 1x1" in line]
+    assert note and "multiples of 16" in note[0] and "multiples of 32" in note[0], wide["log"]
+    assert "mesh.rows=1 mesh.cols=1 pads as in training" in note[0], note
+
+    # trained with a canvas that fits both meshes: 1x2 pads as 1x1 did, and predicts the same
+    pool1.run(_run, str(cohort), str(fixed), ["train.heatmaps=false", "data.canvas=32"])
+    best = str(fixed / "checkpoints" / "best.pt")
+    one_c = pool1.run(_predict, str(cohort), str(fixed), best, "1x1", ["data.canvas=32"])[0]
+    wide_c = pool2.run(_predict, str(cohort), str(fixed), best, "1x2", ["data.canvas=32"])[0]
+    q1, q2 = probs(one_c), probs(wide_c)
+    for key in q1:
+        assert q2[key] == pytest.approx(q1[key], rel=1e-5, abs=2e-6), key
+    assert not any("trained on mesh" in line for line in wide_c["log"]), wide_c["log"]
     one, wide, groups = one["summary"], wide["summary"], groups["summary"]
     assert len({one["run_dir"], wide["run_dir"], groups["run_dir"]}) == 3  # each into its own predict/<id>/

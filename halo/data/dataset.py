@@ -232,6 +232,7 @@ class SlideDataset:
         tissue: TissueOptions | None = None,
         rot90: bool = True,
         stain_normalize: bool = False,
+        canvas: int | None = None,
         val_fraction: float = 0.25,
         seed: int = 0,
         validate: bool = True,
@@ -250,7 +251,8 @@ class SlideDataset:
         self.val_fraction, self.seed = float(val_fraction), int(seed)
         self.root = Path(os.path.abspath(root)) if root is not None else Path(self.csv_path).resolve().parent
         self.record_dir = Path(record_dir) if record_dir is not None else None
-        self._plan_kw: dict[str, Any] = {"tissue": tissue, "rot90": rot90, "stain_normalize": stain_normalize}
+        self._plan_kw: dict[str, Any] = {"tissue": tissue, "rot90": rot90, "stain_normalize": stain_normalize,
+                                         "canvas": canvas}
         self._plans: dict[int, RegionPlan] = {}
         self.choices: dict[int, LevelChoice] = {}  # CSV line -> resolution chosen, filled by validate()
         self._lock = threading.Lock()

@@ -174,6 +174,7 @@ def plan_region(
     keep_mask: bool = True,
     background: int = 255,
     base_mpp: Any = METADATA,
+    canvas: int | None = None,
 ) -> RegionPlan:
     """Plan the region of a slide that a ``rows x cols`` grid of ranks will read.
 
@@ -209,6 +210,12 @@ def plan_region(
     base_mpp:
         The slide's level-0 microns per pixel, overriding its metadata; None: none
         (see :func:`halo.data.slide.select_level`).
+    canvas:
+        Pad the region's sides to multiples of this too (None: only of what the grid
+        needs). Padding, and so the region's place on the network's stride grid, then
+        depends on the grid only through ``lcm(unit, canvas)``: every grid whose unit
+        (``lcm(rows, cols) * multiple`` with ``rot90``) divides ``canvas`` pads a slide
+        the same, so a model predicts it the same on each of those meshes.
 
     Returns
     -------
@@ -228,6 +235,8 @@ def plan_region(
         raise ValueError(f"grid must be (rows, cols) with both >= 1, got {grid!r}")
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
+    if canvas is not None and int(canvas) < 1:
+        raise ValueError(f"canvas must be None or >= 1, got {canvas}")
     opts = tissue if tissue is not None else TissueOptions()
     slide = open_cached(path)
     choice = select_level(slide, mpp=mpp, level=level, base_mpp=base_mpp)
@@ -265,6 +274,8 @@ def plan_region(
         unit_h = unit_w = math.lcm(rows, cols) * multiple
     else:
         unit_h, unit_w = rows * multiple, cols * multiple
+    if canvas is not None:
+        unit_h, unit_w = math.lcm(unit_h, int(canvas)), math.lcm(unit_w, int(canvas))
     ph = -(-ch // unit_h) * unit_h
     pw = -(-cw // unit_w) * unit_w
     return RegionPlan(

@@ -9,6 +9,7 @@ generator states.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -122,19 +123,32 @@ def load_model(job: Job, path: str | Path) -> dict[str, Any]:
     return ckpt.get("config") or {}
 
 
-def mesh_note(trained: dict[str, Any], job: Job) -> str | None:
-    """Why predictions on this mesh may differ slightly from those on the training mesh, or None.
+def _pad_unit(rows: int, cols: int, multiple: int, canvas: int | None) -> int:
+    """What a slide's padded region sides are multiples of (training plans with quarter turns)."""
+    unit = math.lcm(int(rows), int(cols)) * int(multiple)
+    return math.lcm(unit, int(canvas)) if canvas else unit
 
-    Every rank's block is a multiple of the network's stride, so a slide's region is padded to
-    a multiple of ``rows x stride`` by ``cols x stride``: another mesh can pad it with more
-    background, which the slide head pools over too. The network itself is exact on any mesh.
+
+def mesh_note(trained: dict[str, Any], job: Job) -> str | None:
+    """Why predictions here may differ slightly from those on the training mesh, or None.
+
+    Every rank's block is a multiple of the network's stride, so a slide's region is padded
+    to multiples of ``lcm(rows, cols) x stride`` (and of ``data.canvas``): another mesh can pad
+    it with more background, which the slide head pools over too and which moves the tissue
+    on the stride grid. The network itself is exact on any mesh.
     """
     mesh = trained.get("mesh") or {}
-    before = (mesh.get("rows"), mesh.get("cols"))
-    now = (job.mesh.rows, job.mesh.cols)
-    if None in before or before == now:
+    if mesh.get("rows") is None or mesh.get("cols") is None:
         return None
-    return (f"the checkpoint was trained on mesh {before[0]}x{before[1]}, this run uses {now[0]}x{now[1]}: a slide "
-            f"whose region is padded to another size here (slides.csv: padded_height, padded_width) is seen with "
-            f"more or less background padding, and its prediction can differ slightly; mesh.rows={before[0]} "
-            f"mesh.cols={before[1]} pads as in training")
+    before = _pad_unit(mesh["rows"], mesh["cols"], job.multiple, ((trained.get("data") or {}).get("canvas")))
+    now = _pad_unit(job.mesh.rows, job.mesh.cols, job.multiple, job.cfg.data.canvas)
+    if before == now:
+        return None
+    fits = before % _pad_unit(job.mesh.rows, job.mesh.cols, job.multiple, None) == 0  # this mesh can pad so
+    fix = (f"data.canvas={before} pads every slide exactly as in training" if fits else
+           f"mesh.rows={mesh['rows']} mesh.cols={mesh['cols']} pads as in training")
+    return (f"the checkpoint was trained on mesh {mesh['rows']}x{mesh['cols']} with regions padded to multiples of "
+            f"{before} pixels; this run uses {job.mesh.rows}x{job.mesh.cols}, padding to multiples of {now}: a slide "
+            f"padded to another size (slides.csv: padded_height, padded_width) sees more or less background, and its "
+            f"prediction can differ slightly; {fix}. Train with data.canvas set to a multiple of every mesh's unit "
+            f"to make predictions independent of the mesh")

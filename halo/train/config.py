@@ -77,6 +77,7 @@ class DataConfig:
     val_fraction: float = doc("no split column: this fraction of each class's patients is validation", 0.25)
     split_seed: int = doc("seed of that split", 0)
     stain_normalize: bool = doc("Macenko-normalise every block with stains fitted on the slide's thumbnail", False)
+    canvas: int = doc("pad regions to multiples of this too (0: what the mesh needs); the same on meshes it fits", 0)
     tissue: TissueConfig = doc("tissue detection (halo.data.TissueOptions)", factory=TissueConfig)
     augment: AugmentConfig = doc("training augmentation (halo.data.Augment)", factory=AugmentConfig)
 
@@ -189,6 +190,9 @@ def check(cfg: DictConfig) -> DictConfig:
         value = OmegaConf.select(cfg, key)
         if value is not None and str(value) not in allowed:
             raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    canvas = OmegaConf.select(cfg, "data.canvas")
+    if canvas is not None and int(canvas) < 0:
+        raise ValueError(f"data.canvas={canvas!r} must be 0 (pad only as the mesh needs) or a positive multiple")
     return cfg
 
 

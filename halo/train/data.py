@@ -121,7 +121,7 @@ class SlideSource:
             classes=job.classes, grid=(job.mesh.rows, job.mesh.cols), multiple=job.multiple, mpp=data.mpp,
             level=data.level, split=split, strict=data.strict, root=data.root, record_dir=job.run_dir,
             val_fraction=data.val_fraction, seed=data.split_seed, tissue=tissue_options(data),
-            stain_normalize=data.stain_normalize,
+            stain_normalize=data.stain_normalize, canvas=data.canvas or None,
         )
         path = self.csv_path()
         problem = None

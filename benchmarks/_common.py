@@ -55,6 +55,21 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, store: str, threads: 
         out.put((rank, False, traceback.format_exc()))
 
 
+_PRELOAD = ["torch", "torchvision", "halo"]
+
+
+def _context() -> Any:
+    """``spawn`` by default: every configuration starts in a fresh interpreter, so peak-RSS
+    figures stay apart. ``HALO_BENCH_FORKSERVER=1`` (the benchmarks' CI test sets it for the
+    ``--quick`` runs) forks ranks from a server that has imported torch once: the same code,
+    without a 3-5 s interpreter start and torch import per rank and configuration."""
+    if os.environ.get("HALO_BENCH_FORKSERVER") == "1":
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)
+        return ctx
+    return mp.get_context("spawn")
+
+
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, timeout: float = 1800,
               backend: str = "gloo") -> list[Any]:
     """Run ``fn(*args)`` on ``world`` fresh spawned ranks (gloo, or ``backend``); their results in rank order.
@@ -62,7 +77,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, 
     ``fn`` must live at module level of an importable module. Fresh processes keep
     peak-RSS figures of one configuration apart from the next.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     fd, store = tempfile.mkstemp(prefix="halo-bench-")
     os.close(fd)
     os.unlink(store)

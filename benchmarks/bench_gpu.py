@@ -4,7 +4,10 @@ One rank (NCCL on CUDA) runs a training step (forward + backward, batch 1) of pl
 and of the same network through ``halo.parallelize`` on a 1x1 mesh, in float32 and under
 bfloat16 autocast (activations bfloat16, parameters and batch-norm statistics float32,
 as ``train.bf16`` does). Reported: median step time (CUDA-synchronised), halo / plain,
-float32 / bfloat16 speed-up, and CUDA peak memory. Without a CUDA device the same
+float32 / bfloat16 speed-up, CUDA peak memory, and the achieved FLOP/s (``FlopCounterMode``'s
+count of one step over the median step time) as a fraction of the device's dense peak from
+``halo.plan.GPUS`` (bf16 tensor cores under autocast, TF32 for float32, cuDNN's default): the
+figure ``halo-plan --time --achieved-fraction F --achieved-fraction-measured`` takes. Without a CUDA device the same
 measurement runs on the CPU, is labelled so, and is printed only (RESULTS.md section 6
 is for a GPU).
 
@@ -61,8 +64,23 @@ def gpu_steps(name: str, size: int, batch: int, steps: int, sharded: bool, bf16:
         sync()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"step": sorted(times)[len(times) // 2], "peak": peak,
-            "device": torch.cuda.get_device_name() if cuda else "CPU"}
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from halo.plan import GPUS, gpu_for_device
+
+    with FlopCounterMode(display=False) as counter:  # one more step, untimed: its FLOPs
+        step()
+    sync()
+    median = sorted(times)[len(times) // 2]
+    flops = counter.get_total_flops()
+    device_name = torch.cuda.get_device_name() if cuda else "CPU"
+    preset = gpu_for_device(device_name) if cuda else None
+    math = "bf16" if bf16 else ("tf32" if torch.backends.cudnn.allow_tf32 else "fp32")
+    peak_flops = GPUS[preset].peak[math] if preset is not None else None
+    achieved = flops / median
+    return {"step": median, "peak": peak, "device": device_name, "flops": flops, "achieved": achieved,
+            "preset": preset, "math": math, "peak_flops": peak_flops,
+            "fraction": achieved / peak_flops if peak_flops else None}
 
 
 def measure(name: str, size: int, steps: int, batch: int, backend: str, threads: int) -> list[dict]:
@@ -75,13 +93,21 @@ def measure(name: str, size: int, steps: int, batch: int, backend: str, threads:
         plain, sharded = res[False]["step"], res[True]["step"]
         print(f"{name} {size} {rows[-1]['dtype']}: plain {plain:.4f} s, halo 1x1 {sharded:.4f} s "
               f"({sharded / plain:.3f}x) on {res[False]['device']}", flush=True)
+        h = res[True]
+        where = (f"fraction {h['fraction']:.3f} of the {h['preset']} dense {h['math']} peak "
+                 f"({h['peak_flops'] / 1e12:.1f} TFLOP/s): halo-plan --time --gpu {h['preset']} "
+                 f"--achieved-fraction {h['fraction']:.3f} --achieved-fraction-measured"
+                 if h["fraction"] is not None else "no peak known for this device (halo.plan.GPUS)")
+        print(f"  achieved (halo 1x1): {h['flops'] / 1e12:.3f} TFLOP per step, {h['achieved'] / 1e12:.2f} TFLOP/s; "
+              f"{where}", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     fp32 = {(r["name"], r["size"]): r for r in rows if r["dtype"] == "float32"}
     header = ["model", "image", "dtype", "plain step s", "halo 1x1 step s", "halo / plain",
-              "speed-up vs float32 (plain)", "speed-up vs float32 (halo)", "peak MB plain", "peak MB halo"]
+              "speed-up vs float32 (plain)", "speed-up vs float32 (halo)", "peak MB plain", "peak MB halo",
+              "achieved TFLOP/s (halo)", "fraction of dense peak (halo)"]
     out = []
     for r in rows:
         base = fp32[(r["name"], r["size"])]
@@ -89,7 +115,9 @@ def table(rows: list[dict]) -> str:
         out.append([r["name"], f"{r['size']}x{r['size']}", r["dtype"], f"{plain:.4f}", f"{sharded:.4f}",
                     f"{sharded / plain:.3f}", f"{base['plain']['step'] / plain:.2f}",
                     f"{base['halo']['step'] / sharded:.2f}", f"{r['plain']['peak'] / 2**20:.0f}",
-                    f"{r['halo']['peak'] / 2**20:.0f}"])
+                    f"{r['halo']['peak'] / 2**20:.0f}", f"{r['halo']['achieved'] / 1e12:.2f}",
+                    "n/a" if r["halo"]["fraction"] is None
+                    else f"{r['halo']['fraction']:.3f} of {r['halo']['math']} {r['halo']['peak_flops'] / 1e12:.0f}"])
     return markdown_table(header, out)
 
 
@@ -116,7 +144,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"forward + backward, batch {a.batch}, median of {steps} CUDA-synchronised steps after two warm-ups. "
         "*halo / plain* is the cost of the halo layers themselves (no neighbours: the edge fill replaces "
         "padding, batch norm runs torch's kernels). *bfloat16 autocast* keeps parameters and batch-norm "
-        "statistics in float32, as `train.bf16` does. Peak memory is `torch.cuda.max_memory_allocated`.\n\n"))
+        "statistics in float32, as `train.bf16` does. Peak memory is `torch.cuda.max_memory_allocated`. "
+        "*Achieved* is `FlopCounterMode`'s FLOPs of one step over the median step time; its fraction of the "
+        "device's dense peak (`halo.plan.GPUS`) is what `halo-plan --time --achieved-fraction` takes.\n\n"))
     return rows
 
 

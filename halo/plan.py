@@ -38,6 +38,15 @@ fake process-group backend playing one rank of the full world (the busiest, an i
 on meshes of 3 x 3 and up), in a fresh Python process; it counts what autograd saves,
 ``FlopCounterMode``'s FLOPs and the bytes posted to ``batch_isend_irecv`` (:func:`measure`).
 
+``--time`` turns the plan into seconds per step, per epoch (``--cohort`` slides) and in all
+(``--epochs``), printing every assumption (:func:`estimate_time`): the accelerator's dense peak
+FLOP/s from its spec sheet (``--gpu``, :data:`GPUS`) times an achieved fraction (default 0.4,
+an assumption unless measured: ``benchmarks/bench_gpu.py`` prints the measured one), NVLink
+within a node and InfiniBand across nodes (ranks fill nodes in rank order), a latency per
+message, and the synchronisations of a step counted from the model (:func:`step_syncs`: halo
+phases and messages, batch-norm, pooling and head collectives, DDP's gradient all-reduce).
+Communication does not overlap computation unless ``--overlap``: the default is an upper bound.
+
 The command line plans what ``halo-train`` builds (``halo.models.build_classifier``) on an
 image of ``--image HEIGHT WIDTH`` pixels, or on the padded region training reads from each
 slide (``--slide``, ``--csv``: planned by ``halo.data.SlideDataset`` itself). Sizes are
@@ -65,7 +74,8 @@ from halo.nn._window import border_bands, native_padding, pair, split_local, win
 
 __all__ = ["LayerPlan", "Plan", "RankKind", "SlidePlan", "Trace", "Measurement", "plan", "plan_model", "plan_slide",
            "trace_model", "rank_kind", "measure", "measure_saved_bytes", "measure_checkpointed_bytes", "build_model",
-           "main"]
+           "main", "GpuSpec", "GPUS", "Collective", "StepSyncs", "TimeAssumptions", "step_syncs", "estimate_time",
+           "gpu_for_device", "math_mode"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 TRACE_SIZE = 64
@@ -988,6 +998,473 @@ def _fmt(n: float) -> str:
     return f"{n / 1000**i:.1f} {_UNITS[i]}"
 
 
+# -- --time: seconds per step, per epoch and for a cohort, from the plan and stated assumptions -----
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GpuSpec:
+    """An accelerator preset for ``--time``: dense peak FLOP/s per math mode, memory and links.
+
+    ``peak`` holds the vendor's dense figures (no structured sparsity): ``bf16`` and ``fp16``
+    tensor cores, ``tf32`` tensor cores (what cuDNN convolutions use for float32 by default,
+    ``torch.backends.cudnn.allow_tf32``) and plain ``fp32``. ``intra_gbps`` is the NVLink
+    bandwidth per direction and GPU, ``inter_gbps`` the network (InfiniBand) bandwidth per GPU,
+    both in gigabits per second.
+    """
+
+    name: str
+    peak: dict
+    memory_gb: float
+    intra_gbps: float
+    inter_gbps: float
+    source: str
+
+
+TERA = 1e12
+# Dense peaks are the spec sheets' figures; where a sheet gives tensor-core figures "with sparsity"
+# only (H100, H200: "specifications 1/2 lower without sparsity"), the dense figure is half of it, as
+# NVIDIA's H100 architecture whitepaper gives it for the SXM5 part: 989.4 (BF16, FP16), 494.7 (TF32).
+GPUS: dict[str, GpuSpec] = {
+    # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: FP32 67 TFLOPS, TF32 989 TFLOPS*,
+    # BF16 / FP16 1,979 TFLOPS* (* with sparsity); 80 GB; NVLink 900 GB/s (450 GB/s each way);
+    # DGX H100: one 400 Gb/s ConnectX-7 (NDR InfiniBand) per GPU.
+    "h100-sxm": GpuSpec(name="NVIDIA H100 SXM5 80GB",
+                        peak={"bf16": 989.4 * TERA, "fp16": 989.4 * TERA, "tf32": 494.7 * TERA, "fp32": 67 * TERA},
+                        memory_gb=80, intra_gbps=3600, inter_gbps=400,
+                        source="NVIDIA H100 datasheet (SXM): sparse tensor-core figures halved"),
+    # NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column: the H100 SXM's compute (FP32 67 TFLOPS,
+    # TF32 989*, BF16 / FP16 1,979* TFLOPS), 141 GB HBM3e, NVLink 900 GB/s; DGX H200: 400 Gb/s per GPU.
+    "h200": GpuSpec(name="NVIDIA H200 SXM 141GB",
+                    peak={"bf16": 989.4 * TERA, "fp16": 989.4 * TERA, "tf32": 494.7 * TERA, "fp32": 67 * TERA},
+                    memory_gb=141, intra_gbps=3600, inter_gbps=400,
+                    source="NVIDIA H200 datasheet (SXM): sparse tensor-core figures halved"),
+    # NVIDIA A100 Tensor Core GPU datasheet, A100 80GB SXM column: FP32 19.5 TFLOPS, TF32 156 TFLOPS,
+    # BF16 / FP16 312 TFLOPS (dense; 312 / 624 with sparsity); NVLink 600 GB/s (300 GB/s each way);
+    # DGX A100: one 200 Gb/s ConnectX-6 (HDR InfiniBand) per GPU.
+    "a100-80gb": GpuSpec(name="NVIDIA A100 SXM4 80GB",
+                         peak={"bf16": 312 * TERA, "fp16": 312 * TERA, "tf32": 156 * TERA, "fp32": 19.5 * TERA},
+                         memory_gb=80, intra_gbps=2400, inter_gbps=200,
+                         source="NVIDIA A100 datasheet (80GB SXM), dense figures"),
+    # the same datasheet, A100 40GB SXM column: the same compute and links, 40 GB.
+    "a100-40gb": GpuSpec(name="NVIDIA A100 SXM4 40GB",
+                         peak={"bf16": 312 * TERA, "fp16": 312 * TERA, "tf32": 156 * TERA, "fp32": 19.5 * TERA},
+                         memory_gb=40, intra_gbps=2400, inter_gbps=200,
+                         source="NVIDIA A100 datasheet (40GB SXM), dense figures"),
+}
+DEFAULT_GPU = "h100-sxm"
+#: The achieved fraction of peak ``--time`` assumes unless told: an assumption, not a measurement
+#: (benchmarks/bench_gpu.py prints the fraction it measures on a GPU).
+DEFAULT_ACHIEVED_FRACTION = 0.4
+DEFAULT_LATENCY_US = (5.0, 10.0)  # per message or ring step: within a node (NVLink), across nodes (InfiniBand)
+DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's bucket_cap_mb=25
+DDP_FIRST_BUCKET_BYTES = 2**20  # and its first bucket of 1 MiB (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES)
+
+
+def gpu_for_device(name: str) -> str | None:
+    """The :data:`GPUS` preset of a CUDA device name (``torch.cuda.get_device_name()``), or None."""
+    n = name.lower()
+    if "h200" in n:
+        return "h200"
+    if "h100" in n and "pcie" not in n and "nvl" not in n:
+        return "h100-sxm"
+    if "a100" in n and "pcie" not in n:
+        return "a100-80gb" if "80" in n else "a100-40gb"
+    return None
+
+
+def math_mode(dtype: str) -> str:
+    """The tensor-core mode a training step of ``dtype`` runs its convolutions in: ``bf16`` under
+    autocast, ``tf32`` for float32 (cuDNN's default, ``torch.backends.cudnn.allow_tf32``), ``fp32``
+    otherwise."""
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "tf32"}.get(dtype, "fp32")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Collective:
+    """One collective a training step runs, as :func:`step_syncs` counts it from the model.
+
+    Attributes
+    ----------
+    layer, what:
+        Module path, and ``"batch_norm"``, ``"global_pool"`` or ``"head"``.
+    op:
+        ``"all_gather"`` or ``"all_reduce"`` (halo's small reductions are all-gathers summed
+        locally, see ``halo.nn._collectives``).
+    group:
+        ``"world"`` (batch-norm statistics: every rank of every image) or ``"spatial"`` (the
+        ranks of one image).
+    phase:
+        ``"forward"``, ``"recompute"`` (a checkpointed stage's forward again, during backward)
+        or ``"backward"``.
+    nbytes:
+        The tensor this rank contributes.
+    """
+
+    layer: str
+    what: str
+    op: str
+    group: str
+    phase: str
+    nbytes: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepSyncs:
+    """The synchronisations of one training step, counted from the model as planned.
+
+    Attributes
+    ----------
+    halo_layers:
+        Window layers that exchange a halo on this mesh (convolutions and poolings).
+    halo_exchanges:
+        Halo exchanges per step: each such layer once forward, again when its checkpointed
+        stage is recomputed, and once backward (not for an input that needs no gradient).
+    directions:
+        Per direction a rank sends to (``"up"``: the previous row of ranks, ``"down"``,
+        ``"left"``, ``"right"``), ``(messages, bytes)`` per step for a rank that has that
+        neighbour: rows first, then columns of the row-extended block, forward and back.
+    phases:
+        ``batch_isend_irecv`` calls per step, the same on every rank (each exchange is a row
+        phase and a column phase where that axis is sharded and the halo is wider than 0: every
+        rank then sends or receives on it).
+    collectives:
+        Every collective of the model's forward, recompute and backward, in call order.
+    """
+
+    halo_layers: int
+    halo_exchanges: int
+    directions: dict
+    phases: int
+    collectives: tuple[Collective, ...]
+
+    def rank_messages(self, mesh: tuple[int, int], row: int, col: int) -> tuple[int, int]:
+        """``(messages, bytes)`` the rank at ``(row, col)`` sends in one step."""
+        msgs = nbytes = 0
+        for d in _neighbours(mesh, row, col):
+            msgs += self.directions[d][0]
+            nbytes += self.directions[d][1]
+        return msgs, nbytes
+
+    def count(self, *, op: str | None = None, phase: str | None = None) -> int:
+        return sum(1 for c in self.collectives if (op is None or c.op == op) and (phase is None or c.phase == phase))
+
+
+def _neighbours(mesh: tuple[int, int], row: int, col: int) -> list[str]:
+    rows, cols = mesh
+    return [d for d, ok in (("up", row > 0), ("down", row < rows - 1), ("left", col > 0), ("right", col < cols - 1))
+            if ok]
+
+
+def _global_mean_types() -> tuple[type, ...]:
+    """Containers whose own forward takes one global mean of a block (timm's squeeze-excitation,
+    ``x.mean((2, 3))``, which halo's guard routes to ``global_avg_pool2d``)."""
+    try:
+        from timm.layers.squeeze_excite import EffectiveSEModule, SEModule
+        from timm.models._efficientnet_blocks import SqueezeExcite
+    except ImportError:
+        return ()
+    return SEModule, EffectiveSEModule, SqueezeExcite
+
+
+def step_syncs(p: Plan, model: nn.Module, *, stride: int, data: int = 1) -> StepSyncs:
+    """Count the halo exchanges, messages and collectives of one training step of ``model``
+    as :func:`plan_model` planned it (``p``), on a world of ``data`` images of ``p.mesh`` ranks.
+
+    Halo traffic comes from the plan's window layers (their halo widths and
+    :attr:`LayerPlan.exchanges`). Collectives follow halo's layers: a training-mode batch norm
+    all-gathers ``(count, mean, var)`` over the world forward and ``(sum dy, sum dy xhat)``
+    backward; a global average pooling (``AdaptiveAvgPool2d``, a mean head, timm's
+    squeeze-excitation) all-gathers ``N x C`` each way; a global max pooling (``AdaptiveMaxPool2d``,
+    a max head) gathers values and positions and sums, one gather back; the attention head
+    all-reduces its maximum and gathers its sums, one gather back; the top-k head all-gathers
+    values and positions and all-reduces back. A stage that is checkpointed runs its forward's
+    collectives again in backward. None run on a world of one rank; the spatial ones none on a
+    1 x 1 mesh. Compared with an instrumented gloo run in tests/test_plan_time.py.
+    """
+    from halo.nn.heads import GatedAttentionHead, MaxHead, MeanHead, TopKHead
+
+    rows, cols = p.mesh
+    spatial, world = rows * cols, rows * cols * data
+    eb = DTYPE_BYTES[p.dtype]
+    sb = 8 if p.dtype == "float64" else 4  # batch-norm statistics: float32 for half-precision blocks
+    modules = dict(model.named_modules())
+    segment = _segments(model) if p.checkpointing else {}
+    directions = {d: [0, 0] for d in ("up", "down", "left", "right")}
+    halo_layers = exchanges = phases = 0
+    out: list[Collective] = []
+
+    def add(layer: str, what: str, op: str, group: str, phases_: Sequence[str], nbytes: int) -> None:
+        if (world if group == "world" else spatial) > 1:
+            out.extend(Collective(layer=layer, what=what, op=op, group=group, phase=ph, nbytes=int(nbytes))
+                       for ph in phases_)
+
+    for l in p.layers:
+        m = modules.get(l.name if l.name != "(model)" else "")
+        if l.halo is not None:
+            top, bottom, left, right = l.halo
+            n, c, bh, bw = l.in_shape
+            eh, bottom, right = bh + top + bottom, max(bottom, 0), max(right, 0)
+            fwd, bwd = l.exchanges
+            axes = (rows > 1 and (top > 0 or bottom > 0)) + (cols > 1 and (left > 0 or right > 0))
+            if axes:  # a halo that only trims (a strided 1 x 1 convolution) sends nothing
+                halo_layers += 1
+                exchanges += fwd + bwd
+                phases += (fwd + bwd) * axes
+            per = n * c * eb
+            for d, (f_width, b_width, length) in {"up": (bottom, top, bw), "down": (top, bottom, bw),
+                                                  "left": (right, left, eh), "right": (left, right, eh)}.items():
+                directions[d][0] += fwd * (f_width > 0) + bwd * (b_width > 0)
+                directions[d][1] += per * length * (fwd * f_width + bwd * b_width)
+        if m is None or len(l.in_shape) != 4:
+            continue
+        again = ("forward", "recompute") if l.name in segment else ("forward",)
+        n, c = l.in_shape[:2]
+        if _kind(m) == "bn" and m.training:
+            add(l.name, "batch_norm", "all_gather", "world", again, (2 * c + 1) * sb)
+            add(l.name, "batch_norm", "all_gather", "world", ("backward",), 2 * c * sb)
+        elif isinstance(m, nn.AdaptiveAvgPool2d) or (isinstance(m, _global_mean_types()) and l.type == type(m).__name__):
+            add(l.name, "global_pool", "all_gather", "spatial", again + ("backward",), n * c * eb)
+        elif isinstance(m, nn.AdaptiveMaxPool2d):
+            for nb in (n * c * eb, n * c * 8, n * c * eb):  # values, positions, the owner's sum
+                add(l.name, "global_pool", "all_gather", "spatial", again, nb)
+            add(l.name, "global_pool", "all_gather", "spatial", ("backward",), n * c * eb)
+    seen = {l.name for l in p.layers}
+    for name, m in model.named_modules():  # containers whose functional global means the plan may not list
+        if isinstance(m, _global_mean_types()) and name not in seen:
+            n, c = p.batch, next(q for q in m.modules() if isinstance(q, nn.Conv2d)).in_channels
+            again = ("forward", "recompute") if name in segment else ("forward",)
+            add(name, "global_pool", "all_gather", "spatial", again + ("backward",), n * c * eb)
+    h, w = p.block[0] // stride, p.block[1] // stride
+    for name, m in model.named_modules():  # slide heads pool the trunk's feature map (never checkpointed)
+        n = p.batch
+        if isinstance(m, MeanHead):
+            c = m.fc.in_features
+            add(name, "head", "all_gather", "spatial", ("forward", "backward"), n * c * eb)
+        elif isinstance(m, MaxHead):
+            c = m.fc.in_features
+            for nb in (n * c * eb, n * c * 8, n * c * eb):
+                add(name, "head", "all_gather", "spatial", ("forward",), nb)
+            add(name, "head", "all_gather", "spatial", ("backward",), n * c * eb)
+        elif isinstance(m, GatedAttentionHead):
+            c = m.fc.in_features
+            add(name, "head", "all_reduce", "spatial", ("forward",), n * eb)  # the maximum score
+            add(name, "head", "all_gather", "spatial", ("forward", "backward"), n * (c + 1) * eb)
+        elif isinstance(m, TopKHead):
+            classes = m.score.out_channels
+            width = min(m.k, h * w) * (2 if m.min_max else 1)
+            add(name, "head", "all_gather", "spatial", ("forward",), n * classes * width * eb)
+            add(name, "head", "all_gather", "spatial", ("forward",), n * classes * width * 8)
+            add(name, "head", "all_reduce", "spatial", ("backward",), spatial * n * classes * width * eb)
+    order = {"forward": 0, "recompute": 1, "backward": 2}
+    out.sort(key=lambda c: order[c.phase])  # stable: call order within the forward
+    return StepSyncs(halo_layers=halo_layers, halo_exchanges=exchanges,
+                     directions={d: tuple(v) for d, v in directions.items()}, phases=phases,
+                     collectives=tuple(out))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TimeAssumptions:
+    """What ``--time`` assumes; every field is printed (see :func:`estimate_time`)."""
+
+    gpu: str
+    gpu_name: str
+    math: str
+    peak_flops: float
+    peak_source: str
+    achieved_fraction: float
+    achieved_fraction_measured: bool
+    intra_gbps: float
+    inter_gbps: float
+    latency_us: tuple[float, float]
+    gpus_per_node: int
+    data: int
+    accumulate: int
+    overlap: bool
+
+
+def _ring(op: str, ranks: int, nbytes: float, latency: float, bandwidth: float) -> tuple[int, float, float]:
+    """``(messages, bytes sent, seconds)`` of a ring ``op`` over ``ranks`` on one rank: all-gather
+    of ``nbytes`` per rank, ``P - 1`` steps of ``nbytes``; all-reduce of ``nbytes``, reduce-scatter
+    then all-gather, ``2 (P - 1)`` steps of ``nbytes / P``; broadcast, pipelined, ``P - 1`` steps
+    and ``nbytes`` once."""
+    if ranks <= 1:
+        return 0, 0.0, 0.0
+    if op == "all_gather":
+        steps, sent = ranks - 1, (ranks - 1) * nbytes
+    elif op == "all_reduce":
+        steps, sent = 2 * (ranks - 1), 2 * (ranks - 1) / ranks * nbytes
+    elif op == "broadcast":
+        steps, sent = ranks - 1, nbytes
+    else:
+        raise ValueError(op)
+    return steps, sent, steps * latency + sent / bandwidth
+
+
+def estimate_time(p: Plan, syncs: StepSyncs, a: TimeAssumptions, *, buffer_bytes: int = 0,
+                  cohort: int | None = None, epochs: int = 1) -> dict:
+    """Seconds per training step, per epoch and for ``epochs`` passes over ``cohort`` slides.
+
+    - compute: ``flops_per_rank`` (forward + backward, and the recompute with checkpointing;
+      every rank's block is the same size) over ``peak_flops * achieved_fraction``;
+    - halo: for every rank, each message it sends costs the latency of its link plus its bytes
+      over the link's bandwidth, messages one after another; a neighbour is on the same node when
+      the two global ranks (row-major within an image, images one after another) fall in the same
+      ``gpus_per_node`` block, else across the network; the step waits for the slowest rank;
+    - syncs: batch-norm all-gathers over the world, global-pool and head collectives over the
+      image's ranks (:func:`step_syncs`), the training loop's per-step all-reduce (which image
+      groups read their slide) and DDP's broadcast of the buffers from rank 0 before each forward,
+      as ring collectives (``P - 1`` or ``2 (P - 1)`` steps, each a latency); a group spanning
+      nodes runs at the network's latency and bandwidth;
+    - gradients: DDP's ring all-reduce of the float32 gradients (``param_bytes``) over the whole
+      world (halo-train wraps the model in DDP over every rank), in 25 MiB buckets (the first
+      1 MiB), once per ``accumulate`` steps;
+    - total: the sum (no overlap of communication with computation: an upper bound), or with
+      ``overlap`` the larger of compute and all communication (a lower bound).
+    """
+    rows, cols = p.mesh
+    spatial = rows * cols
+    world = spatial * a.data
+    gpn = a.gpus_per_node
+    lat = {"intra": a.latency_us[0] * 1e-6, "inter": a.latency_us[1] * 1e-6}
+    bw = {"intra": a.intra_gbps * 1e9 / 8, "inter": a.inter_gbps * 1e9 / 8}
+    compute = p.flops_per_rank / (a.peak_flops * a.achieved_fraction)
+
+    step = {"up": -cols, "down": cols, "left": -1, "right": 1}
+    worst = (0.0, (0, 0), 0, 0, {"intra": 0, "inter": 0})
+    for d_index in range(a.data):
+        for i, j in itertools.product(range(rows), range(cols)):
+            g = d_index * spatial + i * cols + j
+            t, msgs, nbytes, links = 0.0, 0, 0, {"intra": 0, "inter": 0}
+            for d in _neighbours(p.mesh, i, j):
+                link = "intra" if g // gpn == (g + step[d]) // gpn else "inter"
+                m, b = syncs.directions[d]
+                t += m * lat[link] + b / bw[link]
+                msgs, nbytes = msgs + m, nbytes + b
+                links[link] += m
+            if t > worst[0]:
+                worst = (t, (i, j), msgs, nbytes, links)
+    halo_s, halo_rank, halo_msgs, halo_bytes, halo_links = worst
+
+    def spans(group_size: int) -> str:
+        starts = range(0, world, group_size)
+        return "inter" if any(s // gpn != (s + group_size - 1) // gpn for s in starts) else "intra"
+
+    groups = {"world": (world, spans(world)), "spatial": (spatial, spans(spatial))}
+    sync = {"batch_norm": [0, 0, 0.0], "global_pool": [0, 0, 0.0], "head": [0, 0, 0.0], "loop": [0, 0, 0.0],
+            "ddp_buffers": [0, 0, 0.0]}
+    for c in syncs.collectives:
+        ranks, link = groups[c.group]
+        m, b, t = _ring(c.op, ranks, c.nbytes, lat[link], bw[link])
+        s = sync[c.what]
+        s[0], s[1], s[2] = s[0] + 1, s[1] + m, s[2] + t
+    wlink = groups["world"][1]
+    for what, op, nbytes in (("loop", "all_reduce", 4 * a.data), ("ddp_buffers", "broadcast", buffer_bytes)):
+        if world > 1 and (what == "loop" or nbytes > 0):
+            m, b, t = _ring(op, world, nbytes, lat[wlink], bw[wlink])
+            sync[what] = [1, m, t]
+    sync_s = sum(s[2] for s in sync.values())
+    grad_bytes = p.grad_bytes
+    buckets = 0 if world == 1 else 1 + -(-max(grad_bytes - DDP_FIRST_BUCKET_BYTES, 0) // DDP_BUCKET_BYTES)
+    grad_msgs = grad_sent = 0
+    grad_s = 0.0
+    if world > 1:
+        _, grad_sent, t_bytes = _ring("all_reduce", world, grad_bytes, 0.0, bw[wlink])
+        grad_msgs = buckets * 2 * (world - 1)
+        grad_s = (t_bytes + grad_msgs * lat[wlink]) / a.accumulate
+    comm = halo_s + sync_s + grad_s
+    total = max(compute, comm) if a.overlap else compute + comm
+    steps = None if cohort is None else -(-cohort // (a.data * p.batch))
+    epoch = None if steps is None else steps * total
+    return {
+        "assumptions": {**asdict(a), "latency_us": list(a.latency_us),
+                        "node_placement": "ranks fill nodes of gpus_per_node in rank order (row-major within an "
+                                          "image, images one after another)",
+                        "overlap_note": ("communication fully overlapped with compute (a lower bound)" if a.overlap
+                                         else "no overlap of communication with compute (an upper bound)"),
+                        "collectives": "ring: all-gather P-1 steps, all-reduce 2(P-1) steps, one latency each",
+                        "not_counted": "reading slides, the optimizer step, kernel launch gaps, stragglers"},
+        "fits": p.fits,
+        "world_size": world,
+        "nodes": -(-world // gpn),
+        "spatial_group_link": groups["spatial"][1],
+        "world_link": wlink,
+        "flops_per_rank": p.flops_per_rank,
+        "compute_s": compute,
+        "halo": {"layers": syncs.halo_layers, "exchanges_per_step": syncs.halo_exchanges,
+                 "phases_per_step": syncs.phases, "rank": list(halo_rank),
+                 "messages_per_step": halo_msgs, "messages_by_link": halo_links, "bytes_per_step": halo_bytes,
+                 "seconds": halo_s},
+        "syncs": {k: {"collectives": v[0], "messages": v[1], "seconds": v[2]} for k, v in sync.items()},
+        "collectives_per_step": sum(v[0] for v in sync.values()),
+        "sync_s": sync_s,
+        "grad_allreduce": {"bytes": grad_bytes, "buckets": buckets, "messages": grad_msgs, "bytes_sent": grad_sent,
+                           "seconds": grad_s},
+        "communication_s": comm,
+        "total_s_per_step_no_overlap": compute + comm,
+        "total_s_per_step_overlap": max(compute, comm),
+        "total_s_per_step": total,
+        "cohort": cohort, "epochs": epochs, "steps_per_epoch": steps,
+        "s_per_epoch": epoch, "total_s": None if epoch is None else epoch * epochs,
+    }
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.3g} s"
+    if s < 7200:
+        return f"{s:.4g} s ({s / 60:.1f} min)"
+    if s < 2 * 86400:
+        return f"{s:.4g} s ({s / 3600:.1f} h)"
+    return f"{s:.4g} s ({s / 86400:.1f} days)"
+
+
+def _print_time(t: dict) -> None:
+    a = t["assumptions"]
+    measured = "measured" if a["achieved_fraction_measured"] else "ASSUMED, not measured"
+    print(f"time (--time): assumptions, all explicit")
+    print(f"  accelerator             {a['gpu']} ({a['gpu_name']}), {a['math']} peak {a['peak_flops'] / 1e12:.1f} "
+          f"TFLOP/s dense ({a['peak_source']})")
+    print(f"  achieved fraction       {a['achieved_fraction']:g} of peak ({measured}) -> "
+          f"{a['peak_flops'] * a['achieved_fraction'] / 1e12:.1f} TFLOP/s")
+    print(f"  links                   within a node {a['intra_gbps']:g} Gb/s ({a['intra_gbps'] / 8:g} GB/s) each way, "
+          f"latency {a['latency_us'][0]:g} us; across nodes {a['inter_gbps']:g} Gb/s ({a['inter_gbps'] / 8:g} GB/s), "
+          f"latency {a['latency_us'][1]:g} us (per message or ring step)")
+    print(f"  placement               {t['world_size']} ranks ({a['data']} image group(s) x mesh) on {t['nodes']} "
+          f"node(s) of {a['gpus_per_node']} GPUs, {a['node_placement']}; an image's ranks: "
+          f"{'one node' if t['spatial_group_link'] == 'intra' else 'several nodes'}")
+    print(f"  overlap                 {a['overlap_note']}")
+    print(f"  collectives             {a['collectives']}; DDP gradient all-reduce over all {t['world_size']} ranks "
+          f"in 25 MiB buckets, every {a['accumulate']} step(s)")
+    print(f"  not counted             {a['not_counted']}")
+    h = t["halo"]
+    print(f"  synchronisations counted from the model: {h['layers']} layers with a halo, {h['exchanges_per_step']} "
+          f"halo exchanges per step ({h['phases_per_step']} row and column phases on every rank), "
+          f"{t['collectives_per_step']} collectives per step")
+    print(f"  {'compute':30s} {t['compute_s']:10.4f} s   {t['flops_per_rank'] / 1e12:.2f} TFLOP per rank")
+    print(f"  {'halo exchange':30s} {h['seconds']:10.4f} s   rank {h['rank'][0]},{h['rank'][1]}: {h['messages_per_step']} "
+          f"messages ({h['messages_by_link']['intra']} within a node, {h['messages_by_link']['inter']} across), "
+          f"{_fmt(h['bytes_per_step'])}")
+    s = t["syncs"]
+    detail = ", ".join(f"{k.replace('_', ' ')} {v['collectives']} ({v['seconds'] * 1e3:.2f} ms)" for k, v in s.items()
+                       if v["collectives"])
+    print(f"  {'BN / pool / head syncs':30s} {t['sync_s']:10.4f} s   {detail or 'none'}")
+    g = t["grad_allreduce"]
+    print(f"  {'gradient all-reduce':30s} {g['seconds']:10.4f} s   {_fmt(g['bytes'])} in {g['buckets']} bucket(s), "
+          f"{_fmt(g['bytes_sent'])} sent per rank")
+    print(f"  {'total per step':30s} {t['total_s_per_step']:10.4f} s   "
+          f"({'overlapped' if a['overlap'] else 'no overlap'}; "
+          f"{'no overlap' if a['overlap'] else 'full overlap'} would be "
+          f"{t['total_s_per_step_no_overlap' if a['overlap'] else 'total_s_per_step_overlap']:.4f} s)")
+    if not t["fits"]:
+        print("  note: this configuration does not fit the GPU memory above (try --checkpointing or a larger "
+              "mesh); the times are for it as planned")
+    if t["cohort"] is None:
+        print("  per epoch: give --cohort N (slides)")
+        return
+    print(f"  {'per epoch':30s} {_duration(t['s_per_epoch'])}   {t['steps_per_epoch']} steps for {t['cohort']} slides "
+          f"({a['data']} image group(s))")
+    print(f"  {'total':30s} {_duration(t['total_s'])}   {t['epochs']} epoch(s)")
+
+
 # -- slides: the padded region training reads, planned by the training data path ------------------
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -1217,8 +1694,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--checkpointing", action="store_true",
                    help="recompute each trunk stage in backward, as train.checkpointing does")
-    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB",
-                   help="memory budget per GPU in GB (default 80, an H100)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                   help="memory budget per GPU in GB (default 80, an H100; with --gpu, that GPU's memory)")
     p.add_argument("--mpp", type=float, default=None,
                    help="with --slide/--csv: microns per pixel to train at (data.mpp; default: the level given by "
                         "--level, else level 0); with --image: only reports the field of view")
@@ -1240,8 +1717,61 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the rank --measure plays (default: the busiest, an interior one on meshes of 3 x 3 and up)")
     p.add_argument("--measure-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="give up on --measure after this long (default 1800)")
+    t = p.add_argument_group("--time", "seconds per step, per epoch and for a cohort (with --image); every "
+                                       "assumption is printed")
+    t.add_argument("--time", action="store_true",
+                   help="estimate step time: compute (FLOPs over peak x achieved fraction), halo messages, batch-norm "
+                        "/ pooling / head collectives and DDP's gradient all-reduce, counted from the model")
+    t.add_argument("--gpu", choices=sorted(GPUS), default=None,
+                   help=f"accelerator preset: dense peak FLOP/s, memory and links from the vendor's spec sheet "
+                        f"(default {DEFAULT_GPU})")
+    t.add_argument("--math", choices=("bf16", "fp16", "tf32", "fp32"), default=None,
+                   help="which peak applies (default: bf16 for --dtype bfloat16, tf32 for float32, cuDNN's default)")
+    t.add_argument("--peak-flops", type=float, default=None, metavar="FLOP/S",
+                   help="peak FLOP/s per GPU, instead of the preset's (e.g. 9.895e14)")
+    t.add_argument("--achieved-fraction", type=float, default=None, metavar="F",
+                   help=f"fraction of peak a training step achieves (default {DEFAULT_ACHIEVED_FRACTION}: an "
+                        f"assumption, not measured; benchmarks/bench_gpu.py measures it on a GPU)")
+    t.add_argument("--achieved-fraction-measured", action="store_true",
+                   help="say that --achieved-fraction was measured (e.g. by benchmarks/bench_gpu.py)")
+    t.add_argument("--link-gbps", nargs="+", type=float, default=None, metavar="GBIT/S",
+                   help="bandwidth per GPU and direction in gigabits per second: within a node (NVLink) and "
+                        "across nodes (InfiniBand); one value for both (default: the preset's)")
+    t.add_argument("--latency-us", nargs="+", type=float, default=None, metavar="US",
+                   help=f"latency per message or ring step in microseconds, within a node and across nodes "
+                        f"(default {DEFAULT_LATENCY_US[0]:g} {DEFAULT_LATENCY_US[1]:g}: assumed)")
+    t.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    t.add_argument("--data", type=int, default=1, metavar="D",
+                   help="image groups trained side by side (data parallel; world = D x ROWS x COLS; default 1)")
+    t.add_argument("--accumulate", type=int, default=1, help="train.accumulate: steps per gradient all-reduce")
+    t.add_argument("--overlap", action="store_true",
+                   help="assume communication fully overlaps compute (a lower bound; default: no overlap, an "
+                        "upper bound)")
+    t.add_argument("--cohort", type=int, default=None, metavar="N", help="slides per epoch")
+    t.add_argument("--epochs", type=int, default=1, help="epochs for the total (default 1)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    gpu = GPUS[a.gpu or DEFAULT_GPU]
+    if a.gpu_memory is None:
+        a.gpu_memory = gpu.memory_gb if a.gpu is not None else 80.0
+    timing = [a.math, a.peak_flops, a.achieved_fraction, a.link_gbps, a.latency_us, a.cohort]
+    if not a.time and (any(v is not None for v in timing) or a.overlap or a.achieved_fraction_measured
+                       or (a.data, a.accumulate, a.epochs, a.gpus_per_node) != (1, 1, 1, 8)):
+        p.error("--math, --peak-flops, --achieved-fraction[-measured], --link-gbps, --latency-us, --gpus-per-node, "
+                "--data, --accumulate, --overlap, --cohort and --epochs apply with --time")
+    if a.time:
+        if a.image is None:
+            p.error("--time applies to --image")
+        for flag, values in (("--link-gbps", a.link_gbps), ("--latency-us", a.latency_us)):
+            if values is not None and not 1 <= len(values) <= 2:
+                p.error(f"{flag} takes one or two values (within a node, across nodes)")
+        if a.achieved_fraction is not None and not 0 < a.achieved_fraction <= 1:
+            p.error("--achieved-fraction must be in (0, 1]")
+        if (a.peak_flops is not None and a.peak_flops <= 0) or any(v <= 0 for v in a.link_gbps or []) \
+                or any(v < 0 for v in a.latency_us or []):
+            p.error("--peak-flops and --link-gbps must be positive, --latency-us not negative")
+        if min(a.gpus_per_node, a.data, a.accumulate, a.epochs) < 1 or (a.cohort is not None and a.cohort < 1):
+            p.error("--gpus-per-node, --data, --accumulate, --epochs and --cohort must be positive")
     if min(a.mesh) < 1 or a.batch < 1 or a.num_classes < 1 or a.max_mesh < 1:
         p.error("--mesh, --batch, --num-classes and --max-mesh must be positive")
     if a.image is not None and (a.level is not None or a.root is not None or a.tissue):
@@ -1279,8 +1809,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                         for c in checks if not c["ok"])
         print(f"halo-plan --measure: the plan differs from what rank {measured.rank} measured: {bad}", file=sys.stderr)
         status = 1
+    timed = None
+    if a.time:
+        math = a.math or math_mode(a.dtype)
+        links = a.link_gbps or [gpu.intra_gbps, gpu.inter_gbps]
+        latency = a.latency_us or list(DEFAULT_LATENCY_US)
+        assumptions = TimeAssumptions(
+            gpu=a.gpu or f"{DEFAULT_GPU} (default)", gpu_name=gpu.name, math=math,
+            peak_flops=a.peak_flops if a.peak_flops is not None else gpu.peak[math],
+            peak_source="--peak-flops" if a.peak_flops is not None else gpu.source,
+            achieved_fraction=a.achieved_fraction if a.achieved_fraction is not None else DEFAULT_ACHIEVED_FRACTION,
+            achieved_fraction_measured=a.achieved_fraction_measured and a.achieved_fraction is not None,
+            intra_gbps=links[0], inter_gbps=links[-1], latency_us=(latency[0], latency[-1]),
+            gpus_per_node=a.gpus_per_node, data=a.data, accumulate=a.accumulate, overlap=a.overlap)
+        syncs = step_syncs(result, model, stride=traced.stride, data=a.data)
+        buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+        timed = estimate_time(result, syncs, assumptions, buffer_bytes=buffers, cohort=a.cohort, epochs=a.epochs)
     if a.json:
         out = result.summary()
+        if timed is not None:
+            out["time"] = timed
         if a.layers:
             out["layers"] = [asdict(l) for l in result.layers]
         if measured is not None:
@@ -1307,6 +1855,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for l in result.layers:
             print(f"  {l.name:28s} {l.type:18s} {str(l.out_shape):26s} saved {_fmt(l.saved_bytes):>10s} "
                   f"halo {_fmt(l.halo_bytes):>10s}")
+    if timed is not None:
+        _print_time(timed)
     if measured is not None:
         r, c = measured.rank
         print(f"measured: rank {r * a.mesh[1] + c} (row {r}, col {c}, {measured.kind}) of the {a.mesh[0]} x {a.mesh[1]} "

@@ -7,6 +7,7 @@
     logits = model(halo.scatter(image, mesh))
 """
 
+from halo.blockwise import predict_blockwise
 from halo.errors import HaloNotSupportedError, HaloShapeError
 from halo.exchange import HaloSpec, exchange_halo
 from halo.mesh import SpatialMesh
@@ -19,6 +20,7 @@ __all__ = [
     "scatter",
     "gather",
     "manual_seed",
+    "predict_blockwise",
     "exchange_halo",
     "HaloSpec",
     "HaloNotSupportedError",

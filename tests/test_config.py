@@ -55,6 +55,20 @@ def test_a_choice_outside_its_values_is_refused_before_running(override: str, ke
     assert key in str(err.value) and allowed in str(err.value) and override.split("=")[1] in str(err.value)
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    (["blocks=[1,2]"], "is for mode=predict"),
+    (["mode=predict", "blocks=[2]"], "must be [rows, cols]"),
+    (["mode=predict", "blocks=[0,2]"], "both >= 1"),
+    (["data.canvas=-32"], "data.canvas"),
+])
+def test_values_that_do_not_fit_together_are_refused(overrides: list[str], needle: str) -> None:
+    from halo.train.config import check
+
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        check(_compose(*overrides))
+    check(_compose("mode=predict", "blocks=[2,2]", "data.canvas=64"))  # and these do
+
+
 def test_every_data_option_is_reachable_and_reaches_the_data_path() -> None:
     from halo.train.config import augment_options, tissue_options
     from halo.data import Augment, TissueOptions

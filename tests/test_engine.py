@@ -458,3 +458,36 @@ def test_a_checkpoint_predicts_the_same_on_another_mesh_and_world_size(pool1, po
     assert not any("trained on mesh" in line for line in wide_c["log"]), wide_c["log"]
     one, wide, groups = one["summary"], wide["summary"], groups["summary"]
     assert len({one["run_dir"], wide["run_dir"], groups["run_dir"]}) == 3  # each into its own predict/<id>/
+
+
+@pytest.mark.timeout(400)
+def test_blockwise_prediction_on_fewer_ranks_equals_the_sharded_one(pool1, pool2, tmp_path: Path) -> None:
+    """``blocks=[1, 2]`` on one process, and on two processes taking whole slides each, predicts
+    what a 1x2 mesh predicts (the same padding, every layer local in eval mode), heatmaps too."""
+    cohort = _write_cohort(tmp_path, {n: s for n, s in zip("abcdef", ["train"] * 4 + ["val"] * 2)})
+    run_dir = tmp_path / "run"
+    pool1.run(_run, str(cohort), str(run_dir), ["train.heatmaps=false", "head=attention"])
+    best = str(run_dir / "checkpoints" / "best.pt")
+    heat = ["train.heatmaps=true", "head=attention"]
+    sharded = pool2.run(_predict, str(cohort), str(run_dir), best, "1x2", heat)[0]
+    alone = pool1.run(_predict, str(cohort), str(run_dir), best, "1x1", [*heat, "blocks=[1,2]"])[0]
+    pair = pool2.run(_predict, str(cohort), str(run_dir), best, "1x1", [*heat, "blocks=[1,2]"])[0]
+
+    def probs(out: dict) -> dict[str, float]:
+        rows = _rows(Path(out["summary"]["run_dir"]) / "predictions.csv")
+        return {r["slide"]: float(r["prob_tumour"]) for r in rows}
+
+    want = probs(sharded)
+    assert len(want) == 6
+    for out in (alone, pair):
+        assert out["summary"]["blockwise"] and out["summary"]["grid"] == [1, 2]
+        got = probs(out)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=2e-6), key
+        maps = sorted(p.name for p in (Path(out["summary"]["run_dir"]) / "heatmaps").glob("*.png"))
+        assert len(maps) == 6, maps
+        padded = {r["key"]: (r["padded_height"], r["padded_width"])
+                  for r in _rows(Path(out["summary"]["run_dir"]) / "slides.csv")}
+        assert padded == {r["key"]: (r["padded_height"], r["padded_width"])
+                          for r in _rows(Path(sharded["summary"]["run_dir"]) / "slides.csv")}

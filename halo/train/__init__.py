@@ -191,7 +191,7 @@ def predict(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     metrics, rows = evaluate(job, source, ds, heatmaps=cfg.train.heatmaps)
     source.write_records()
     summary = {"mode": "predict", "checkpoint": str(cfg.checkpoint), "slides": len(rows), "metrics": dict(metrics),
-               "run_dir": str(job.run_dir)}
+               "run_dir": str(job.run_dir), "grid": list(job.grid), "blockwise": job.blocks is not None}
     if job.is_main:
         write_rows(job.run_dir, "predictions.csv", rows, job.classes)
         write_summary(job.run_dir, summary)

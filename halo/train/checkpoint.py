@@ -141,14 +141,15 @@ def mesh_note(trained: dict[str, Any], job: Job) -> str | None:
     if mesh.get("rows") is None or mesh.get("cols") is None:
         return None
     before = _pad_unit(mesh["rows"], mesh["cols"], job.multiple, ((trained.get("data") or {}).get("canvas")))
-    now = _pad_unit(job.mesh.rows, job.mesh.cols, job.multiple, job.cfg.data.canvas)
+    rows, cols = job.grid  # the mesh, or predict's blocks
+    now = _pad_unit(rows, cols, job.multiple, job.cfg.data.canvas)
     if before == now:
         return None
-    fits = before % _pad_unit(job.mesh.rows, job.mesh.cols, job.multiple, None) == 0  # this mesh can pad so
+    fits = before % _pad_unit(rows, cols, job.multiple, None) == 0  # this grid can pad so
     fix = (f"data.canvas={before} pads every slide exactly as in training" if fits else
            f"mesh.rows={mesh['rows']} mesh.cols={mesh['cols']} pads as in training")
     return (f"the checkpoint was trained on mesh {mesh['rows']}x{mesh['cols']} with regions padded to multiples of "
-            f"{before} pixels; this run uses {job.mesh.rows}x{job.mesh.cols}, padding to multiples of {now}: a slide "
+            f"{before} pixels; this run uses {rows}x{cols}, padding to multiples of {now}: a slide "
             f"padded to another size (slides.csv: padded_height, padded_width) sees more or less background, and its "
             f"prediction can differ slightly; {fix}. Train with data.canvas set to a multiple of every mesh's unit "
             f"to make predictions independent of the mesh")

@@ -157,6 +157,9 @@ class Config:
     launcher: LauncherConfig = doc("halo-submit's job (conf/launcher)", factory=LauncherConfig)
     mode: str = doc("train or predict", "train")
     checkpoint: Optional[str] = doc("predict: the checkpoint (best.pt / last.pt) to load", None)
+    blocks: list[int] = doc("predict: [rows, cols] blocks per slide, run one at a time by one rank (eval mode: every "
+                            "layer is local), as a rows x cols mesh predicts it, on any number of devices; []: the mesh",
+                            factory=list)
     run_dir: Optional[str] = doc("the run directory when not under @hydra.main (tests); else hydra.run.dir", None)
 
 
@@ -190,6 +193,12 @@ def check(cfg: DictConfig) -> DictConfig:
         value = OmegaConf.select(cfg, key)
         if value is not None and str(value) not in allowed:
             raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    blocks = OmegaConf.select(cfg, "blocks")
+    if blocks:
+        if len(blocks) != 2 or min(int(b) for b in blocks) < 1:
+            raise ValueError(f"blocks={list(blocks)!r} must be [rows, cols], both >= 1 (or [] to shard over the mesh)")
+        if OmegaConf.select(cfg, "mode") != "predict":
+            raise ValueError(f"blocks={list(blocks)!r} is for mode=predict (training shards over mesh.rows x mesh.cols)")
     canvas = OmegaConf.select(cfg, "data.canvas")
     if canvas is not None and int(canvas) < 0:
         raise ValueError(f"data.canvas={canvas!r} must be 0 (pad only as the mesh needs) or a positive multiple")

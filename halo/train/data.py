@@ -118,7 +118,7 @@ class SlideSource:
         """
         job, data = self.job, self.job.cfg.data
         kwargs = dict(
-            classes=job.classes, grid=(job.mesh.rows, job.mesh.cols), multiple=job.multiple, mpp=data.mpp,
+            classes=job.classes, grid=job.grid, multiple=job.multiple, mpp=data.mpp,
             level=data.level, split=split, strict=data.strict, root=data.root, record_dir=job.run_dir,
             val_fraction=data.val_fraction, seed=data.split_seed, tissue=tissue_options(data),
             stain_normalize=data.stain_normalize, canvas=data.canvas or None,
@@ -152,6 +152,28 @@ class SlideSource:
         self._note(ds, index, time.perf_counter() - started)
         x = torch.from_numpy(np.ascontiguousarray(block)).permute(2, 0, 1)[None].float().div_(255)
         return ((x - MEAN) / STD).to(job.device, non_blocking=True)
+
+    def blockwise(self, ds: SlideDataset, index: int):
+        """Slide ``index`` predicted block by block by this rank alone (``blocks=[rows, cols]``):
+        a :class:`halo.blockwise.BlockwiseResult`, or None if a read failed (recorded as
+        :meth:`block` records it)."""
+        from halo.blockwise import predict_blockwise, region_reader
+        from halo.data import SlideError
+
+        job = self.job
+        started = time.perf_counter()
+        item = ds.get_safe(index)
+        if item is None:
+            return None
+        reader = region_reader(item.plan, lambda x: (x - MEAN) / STD, device=job.device)
+        try:
+            with job.autocast():
+                out = predict_blockwise(job.model, reader, grid=job.blocks)
+        except SlideError as exc:
+            ds.mark_failed(index, exc)  # raises again with data.strict=true
+            return None
+        self._note(ds, index, time.perf_counter() - started)
+        return out
 
     def zeros(self, ds: SlideDataset, index: int) -> torch.Tensor:
         """A zero block of slide ``index``'s shape: what a rank computes on when a read failed."""

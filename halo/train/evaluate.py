@@ -34,14 +34,25 @@ def evaluate(job: Job, source: SlideSource, ds: SlideDataset, heatmaps: bool) ->
 
         bar = tqdm(total=len(mine), desc=f"predict {ds.split or 'all'}", unit="slide", dynamic_ncols=True)
     for index, weight in mine:
-        x = source.block(ds, index, None)
-        ok = source.agree(x is not None)
-        if x is None:
-            x = source.zeros(ds, mine[0][0])
-        with job.autocast():
-            logits = job.model(x).float()
-        head_map = getattr(job.model.head, "last_map", None)
-        if heatmaps and head_map is not None:
+        if job.blocks:  # this rank alone, block by block: the whole map is here
+            out = source.blockwise(ds, index)
+            ok = source.agree(out is not None)
+            if out is None:
+                if bar is not None:
+                    bar.update(1)
+                continue
+            logits, head_map = out.logits.float(), out.head_map
+            if heatmaps and head_map is not None and weight > 0:
+                heatmap(job, ds, index, head_map.float()[0].cpu().numpy())
+        else:
+            x = source.block(ds, index, None)
+            ok = source.agree(x is not None)
+            if x is None:
+                x = source.zeros(ds, mine[0][0])
+            with job.autocast():
+                logits = job.model(x).float()
+            head_map = getattr(job.model.head, "last_map", None)
+        if heatmaps and head_map is not None and not job.blocks:
             full = halo.gather(head_map.float(), job.mesh)  # a collective of the image group
             if job.first_in_group and weight > 0 and ok[job.group]:
                 heatmap(job, ds, index, full[0].cpu().numpy())

@@ -61,6 +61,9 @@ class Job:
         What a checkpoint must match to load into ``model``.
     multiple:
         The trunk's output stride: block sides are multiples of it.
+    blocks:
+        ``mode=predict blocks=[rows, cols]``: each rank predicts whole slides block by block
+        (:func:`halo.predict_blockwise`; ``mesh`` is 1 x 1 and ``model`` is not sharded); else None.
     """
 
     cfg: DictConfig
@@ -72,6 +75,12 @@ class Job:
     model: SlideClassifier
     signature: dict[str, Any]
     multiple: int
+    blocks: tuple[int, int] | None = None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The blocks a slide is planned in: its padding is a multiple of them (times ``multiple``)."""
+        return self.blocks or (self.mesh.rows, self.mesh.cols)
 
     @property
     def is_main(self) -> bool:
@@ -112,7 +121,8 @@ def start(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> Job:
     elif device.type == "cpu":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or min(dist.get_world_size(), os.cpu_count() or 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    mesh = halo.SpatialMesh(cfg.mesh.rows, cfg.mesh.cols)
+    blocks = (int(cfg.blocks[0]), int(cfg.blocks[1])) if cfg.mode == "predict" and cfg.blocks else None
+    mesh = halo.SpatialMesh(1, 1) if blocks else halo.SpatialMesh(cfg.mesh.rows, cfg.mesh.cols)
     classes = list(cfg.data.classes)
     if len(classes) != cfg.model.num_classes:
         raise ValueError(f"data.classes has {len(classes)} names but model.num_classes={cfg.model.num_classes}")
@@ -125,7 +135,7 @@ def start(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> Job:
     )
     sig = signature(model, name=cfg.model.name, head=cfg.head.name, num_classes=len(classes))
     multiple = total_stride(model.trunk)
-    model = halo.parallelize(model, mesh).to(device)
+    model = (model if blocks else halo.parallelize(model, mesh)).to(device)
     halo.manual_seed(cfg.train.seed, mesh)  # dropout: the same draws within an image group
     return Job(cfg=cfg, rank=rank, device=device, mesh=mesh, classes=classes, run_dir=out, model=model,
-               signature=sig, multiple=multiple)
+               signature=sig, multiple=multiple, blocks=blocks)

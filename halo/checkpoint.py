@@ -15,13 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from halo.errors import InputError
+
 __all__ = ["CheckpointError", "signature", "save_atomic", "load_checkpoint", "check_signature"]
 
 FORMAT = "halo-checkpoint-v1"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or from another model."""
+class CheckpointError(InputError):
+    """A checkpoint that is missing, corrupt, or from another model (bad input: reported once, exit 2)."""
 
 
 def signature(model: nn.Module, *, name: str, head: str, num_classes: int) -> dict[str, Any]:

@@ -491,3 +491,77 @@ def test_blockwise_prediction_on_fewer_ranks_equals_the_sharded_one(pool1, pool2
                   for r in _rows(Path(out["summary"]["run_dir"]) / "slides.csv")}
         assert padded == {r["key"]: (r["padded_height"], r["padded_width"])
                           for r in _rows(Path(sharded["summary"]["run_dir"]) / "slides.csv")}
+
+
+# -- what a new user met (found by trying halo-train from a fresh clone) ------------------------------
+def _files(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run, less ``.hydra/`` (the latest invocation's config and overrides)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.relative_to(run_dir).parts[0] != ".hydra"}
+
+
+@pytest.mark.timeout(300)
+def test_resuming_a_finished_run_changes_nothing(pool1, tmp_path: Path) -> None:
+    """It rewrote slides.csv with the validation slides only, and the predictions and heatmaps."""
+    cohort = _write_cohort(tmp_path, {"a": "train", "b": "train", "c": "val", "d": "val"})
+    run_dir = tmp_path / "run"
+    first = pool1.run(_run, str(cohort), str(run_dir), [])[0]
+    before = _files(run_dir)
+    again = pool1.run(_run, str(cohort), str(run_dir), ["train.resume=true"])[0]
+    assert _files(run_dir) == before
+    assert any("nothing to resume" in line for line in again["log"]), again["log"]
+    assert again["summary"] == json.loads(json.dumps(first["summary"]))
+
+
+@pytest.mark.timeout(300)
+def test_a_one_class_validation_set_keeps_best_pt_and_strict_json(pool1, tmp_path: Path) -> None:
+    """AUC is undefined on one class: best.pt was never written, and summary.json held a bare NaN."""
+    cohort = _write_cohort(tmp_path, {"a": "train", "b": "train", "c": "val", "d": "train", "e": "val"})
+    run_dir = tmp_path / "run"  # validation: slides c and e, both 'normal' (even positions)
+    out = pool1.run(_run, str(cohort), str(run_dir), ["train.epochs=2", "train.heatmaps=false"])[0]
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert out["summary"]["best_epoch"] == 2 and out["summary"]["val_auc"] is None
+    json.loads((run_dir / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+
+
+def _write_tiny_slide_cohort(root: Path) -> Path:
+    from data_fixtures import noise_slide_image, write_slide
+
+    cohort = _write_cohort(root, {"a": "train", "b": "train", "c": "val", "d": "val"})
+    write_slide(root / "slides" / "tiny.tiff", noise_slide_image(32, 32, seed=1, tissue=(0, 0, 32, 32)), mpp=0.5,
+                levels=1, tile=16)
+    with open(cohort, "a") as fh:
+        fh.write("slides/tiny.tiff,normal,train\n")
+    return cohort
+
+
+@pytest.mark.timeout(300)
+def test_a_slide_of_one_output_cell_is_skipped_and_recorded_not_a_crash(pool1, tmp_path: Path) -> None:
+    """16 x 16 pixels at the trunk's stride 16: batch norm in training crashed deep in torch
+    ("Expected more than 1 value per channel") after the start-up checks had passed it."""
+    cohort = _write_tiny_slide_cohort(tmp_path)
+    run_dir = tmp_path / "run"
+    pool1.run(_run, str(cohort), str(run_dir), ["train.heatmaps=false"])
+    skipped = _rows(run_dir / "skipped_slides.csv")
+    assert [Path(r["path"]).name for r in skipped] == ["tiny.tiff"], skipped
+    assert "single 16-pixel cell" in skipped[0]["error"] and "data.canvas=32" in skipped[0]["error"]
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    # and data.canvas=32 trains on it
+    pool1.run(_run, str(cohort), str(tmp_path / "canvas"), ["train.heatmaps=false", "data.canvas=32"])
+    assert not (tmp_path / "canvas" / "skipped_slides.csv").exists()
+
+
+@pytest.mark.timeout(300)
+def test_model_and_checkpoint_mistakes_are_reported_once_as_bad_input(pool1, tmp_path: Path) -> None:
+    """They were tracebacks with exit status 1, and left an empty run directory behind."""
+    cohort = _write_cohort(tmp_path, {"a": "train", "b": "train", "c": "val", "d": "val"})
+    message = pool1.run(_refused, str(cohort), str(tmp_path / "x1"), ["data.classes=[normal,tumour,other]"])[0]
+    assert "set model.num_classes=3" in message, message
+    message = pool1.run(_refused, str(cohort), str(tmp_path / "x2"), ["model.name=timm:resnet_nonexistent"])[0]
+    assert "model.name=timm:resnet_nonexistent" in message and "cannot be built" in message, message
+    assert not (tmp_path / "x2").exists()
+    run_dir = tmp_path / "run"
+    pool1.run(_run, str(cohort), str(run_dir), ["train.heatmaps=false"])
+    message = pool1.run(_refused, str(cohort), str(run_dir), [
+        "mode=predict", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "head=attention"])[0]
+    assert "another model" in message, message

@@ -23,6 +23,7 @@ imports nothing from ``launch``. The parts, each with one owner:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -117,6 +118,12 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     ckpts = job.run_dir / "checkpoints"
     if t.resume and (ckpts / "last.pt").is_file():
         state = checkpoint.restore(job, ckpts / "last.pt", opt, sched)
+        if state["epoch"] >= t.epochs and (job.run_dir / "summary.json").is_file():
+            if job.is_main:  # nothing to do: leave every file of the finished run as it is
+                log.info("%s finished all %d epochs already: nothing to resume (raise train.epochs with "
+                         "train.schedule=constant to train on)", job.run_dir, t.epochs)
+            _barrier()
+            return json.loads((job.run_dir / "summary.json").read_text())
     elif t.resume:
         log.warning("train.resume=true but %s does not exist: starting from scratch", ckpts / "last.pt")
     ddp = None
@@ -132,7 +139,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "lr": sched.get_last_lr()[0], "slides_seen": state["slides_seen"],
             "seconds": round(time.time() - started, 2)})
         auc = metrics.get("auc", math.nan)
-        improved = len(val_ds) == 0 or (not math.isnan(auc) and auc > state["best_auc"])  # no val: the last
+        # no val, or a val set whose AUC is undefined (one class): the last epoch is the best
+        improved = len(val_ds) == 0 or math.isnan(auc) or auc > state["best_auc"]
         if improved:
             state["best_auc"], state["best_epoch"] = auc, epoch + 1
         state["epoch"] = epoch + 1

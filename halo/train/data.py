@@ -137,7 +137,8 @@ class SlideSource:
                                 "\n".join(f"  - {m}" for m in mixed))
         problem = broadcast(problem)
         if problem:  # every rank raises it; the launcher's guard prints it once
-            raise InputError(f"halo-train: nothing was trained, the manifest has problems:\n{problem}")
+            done = "trained" if job.cfg.mode == "train" else "predicted"
+            raise InputError(f"halo-train: nothing was {done}, the manifest has problems:\n{problem}")
         return SlideDataset(path, **kwargs, validate=False)
 
     def block(self, ds: SlideDataset, index: int, augment_seed: int | None) -> torch.Tensor | None:
@@ -149,9 +150,28 @@ class SlideSource:
         block = ds.read_block_safe(index, row, col, augment=spec)
         if block is None:
             return None
+        if augment_seed is not None and self._one_cell(ds, index):
+            return None
         self._note(ds, index, time.perf_counter() - started)
         x = torch.from_numpy(np.ascontiguousarray(block)).permute(2, 0, 1)[None].float().div_(255)
         return ((x - MEAN) / STD).to(job.device, non_blocking=True)
+
+    def _one_cell(self, ds: SlideDataset, index: int) -> bool:
+        """Whether slide ``index`` is too small to train on: its padded region is one output cell of
+        the trunk, and batch norm in training needs two values per channel. Skipped and recorded
+        (every rank of the group plans it alike), or raised with ``data.strict=true``."""
+        from halo.data.slide import SlideTooSmallError
+
+        plan, m = ds.plan(index), self.job.multiple
+        pw, ph = plan.padded_size
+        if pw // m * (ph // m) > 1 or not any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) and x.training
+                                             for x in self.job.model.trunk.modules()):
+            return False
+        ds.mark_failed(index, SlideTooSmallError(plan.path, (
+            f"its region pads to {ph} x {pw} (H x W) pixels at level {plan.level}, a single {m}-pixel cell of the "
+            f"trunk's output, and batch norm in training needs at least two values per channel: read it at a finer "
+            f"resolution (its mpp or level column, data.mpp) or set data.canvas={2 * m}")))
+        return True
 
     def blockwise(self, ds: SlideDataset, index: int):
         """Slide ``index`` predicted block by block by this rank alone (``blocks=[rows, cols]``):
@@ -176,8 +196,13 @@ class SlideSource:
         return out
 
     def zeros(self, ds: SlideDataset, index: int) -> torch.Tensor:
-        """A zero block of slide ``index``'s shape: what a rank computes on when a read failed."""
-        return torch.zeros(1, 3, *ds.plan(index).block_shape(), device=self.job.device)
+        """A zero block of slide ``index``'s shape: what a rank computes on when a read failed
+        (two cells wide if that slide is a single output cell, which batch norm cannot train on)."""
+        h, w = ds.plan(index).block_shape()
+        m = self.job.multiple
+        if h // m * (w // m) <= 1:
+            w *= 2
+        return torch.zeros(1, 3, h, w, device=self.job.device)
 
     def agree(self, ok: bool) -> torch.Tensor:
         """Which image groups read their slide this step (every rank of a group must agree); collective."""

@@ -7,6 +7,7 @@ over the mesh); the other parts (:mod:`.data`, :mod:`.loop`, :mod:`.evaluate`,
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 import halo
 from halo.checkpoint import signature
+from halo.errors import InputError
 from halo.models import SlideClassifier, build_classifier, total_stride
+
+log = logging.getLogger("halo.train")
 
 __all__ = ["Job", "start", "broadcast", "all_gather"]
 
@@ -108,9 +112,8 @@ def start(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> Job:
     Raises
     ------
     halo.errors.InputError
-        The run directory may not be written (see :func:`halo.train.rundir.claim`).
-    ValueError
-        ``data.classes`` and ``model.num_classes`` disagree.
+        The run directory may not be written (see :func:`halo.train.rundir.claim`), the model
+        cannot be built, or ``data.classes`` and ``model.num_classes`` disagree.
     """
     from halo.train.rundir import claim
 
@@ -125,14 +128,23 @@ def start(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> Job:
     mesh = halo.SpatialMesh(1, 1) if blocks else halo.SpatialMesh(cfg.mesh.rows, cfg.mesh.cols)
     classes = list(cfg.data.classes)
     if len(classes) != cfg.model.num_classes:
-        raise ValueError(f"data.classes has {len(classes)} names but model.num_classes={cfg.model.num_classes}")
-    out = claim(cfg, Path(broadcast(str(Path(run_dir).resolve()))), rank == 0)
+        raise InputError(f"halo-train: data.classes has {len(classes)} names ({', '.join(classes)}) but "
+                         f"model.num_classes={cfg.model.num_classes}: set model.num_classes={len(classes)}")
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = build_classifier(
-        cfg.model.name, cfg.model.num_classes, head=cfg.head.name,
-        head_options=OmegaConf.to_container(cfg.head.options, resolve=True), weights=cfg.model.weights,
-        checkpointing=cfg.train.checkpointing,
-    )
+    try:  # before the run directory is claimed: a model that cannot be built leaves nothing behind
+        model = build_classifier(
+            cfg.model.name, cfg.model.num_classes, head=cfg.head.name,
+            head_options=OmegaConf.to_container(cfg.head.options, resolve=True), weights=cfg.model.weights,
+            checkpointing=cfg.train.checkpointing,
+        )
+    except (ValueError, RuntimeError, NotImplementedError, KeyError, OSError) as exc:
+        raise InputError(f"halo-train: model.name={cfg.model.name} head={cfg.head.name}"
+                         f"{f' model.weights={cfg.model.weights}' if cfg.model.weights else ''} cannot be built: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if cfg.mode == "train" and cfg.train.trunk == "frozen" and not cfg.model.weights and rank == 0:
+        log.warning("train.trunk=frozen without model.weights: the trunk stays at its random initial weights and "
+                    "only the head trains on their features; pass model.weights=PATH for frozen-feature MIL")
+    out = claim(cfg, Path(broadcast(str(Path(run_dir).resolve()))), rank == 0)
     sig = signature(model, name=cfg.model.name, head=cfg.head.name, num_classes=len(classes))
     multiple = total_stride(model.trunk)
     model = (model if blocks else halo.parallelize(model, mesh)).to(device)

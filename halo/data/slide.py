@@ -489,6 +489,14 @@ class Slide:
             raise SlideReadError(self.path, level, (x, y), (w, h), str(exc) or type(exc).__name__) from exc
         return composite_white(rgba, background)
 
+    def tile_rows(self, level: int) -> int | None:
+        """Rows per tile of ``level`` where this slide decodes tiles itself (the tifffile reader); else None.
+
+        A read whose row range starts and ends on tile rows decodes each tile once.
+        """
+        page = self._pages[level] if self.reader == "tifffile" and level < len(self._pages) else None
+        return int(page.tilelength) if page is not None and page.is_tiled else None
+
     def read_level(self, level: int, location: IntPair, size: IntPair, background: int = 255) -> np.ndarray:
         """Read the stored pixels of ``level`` at integer level coordinates, without resampling.
 

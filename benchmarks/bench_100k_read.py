@@ -118,14 +118,11 @@ def _block_geometry(plan, r: int, c: int):  # noqa: ANN001, ANN202
     """The part of block ``(r, c)`` inside the content box, in level pixels: (x0, y0, x1, y1, dst slice) or None."""
     import halo.data as hd
 
-    y0, y1, x0, x1 = hd.block_rect(plan, r, c)
-    (cx, cy), (cw, ch) = plan.content
-    ox, oy = plan.origin
-    ty0, ty1 = max(oy + y0, cy), min(oy + y1, cy + ch)
-    tx0, tx1 = max(ox + x0, cx), min(ox + x1, cx + cw)
-    if ty1 <= ty0 or tx1 <= tx0:
+    window = hd.content_window(plan, hd.block_rect(plan, r, c))
+    if window is None:
         return None
-    return tx0, ty0, tx1, ty1, (slice(ty0 - oy - y0, ty1 - oy - y0), slice(tx0 - ox - x0, tx1 - ox - x0))
+    (ty0, ty1, tx0, tx1), dst = window
+    return tx0, ty0, tx1, ty1, dst
 
 
 def _tile_aligned_read(plan, r: int, c: int, slide):  # noqa: ANN001, ANN202

@@ -53,7 +53,7 @@ import torch.distributed as dist
 from torch import nn
 
 from halo.errors import HaloNotSupportedError, HaloShapeError
-from halo.guard import _WINDOW_OPS, ShardingGuard, spatial_dims
+from halo.guard import WINDOW_OPS, ShardingGuard, spatial_dims
 from halo.nn._window import pair
 from halo.nn.same import padded_widths
 
@@ -213,12 +213,12 @@ class _BlockGuard(ShardingGuard):
     def _path(self) -> str:
         return self.where[-1] if self.where else "<trunk>"
 
-    def _refuse(self, name: str, x: torch.Tensor, why: str) -> HaloNotSupportedError:
+    def refusal(self, name: str, x: torch.Tensor, why: str) -> HaloNotSupportedError:
         return _refusal(self._path(), f"calls {name} on a tensor of shape {tuple(x.shape)}, spatial dims "
                         f"{spatial_dims(x)}", f"which {why}")
 
-    def _global(self, name: str, x: torch.Tensor, dims, keepdim: bool) -> torch.Tensor:
-        raise self._refuse(name, x, "reduces over the whole feature map inside the trunk (a global op, as in "
+    def global_reduce(self, name: str, x: torch.Tensor, dims, keepdim: bool) -> torch.Tensor:
+        raise self.refusal(name, x, "reduces over the whole feature map inside the trunk (a global op, as in "
                                     "squeeze-excitation): on a block it would see the block, not the image")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
@@ -229,17 +229,17 @@ class _BlockGuard(ShardingGuard):
             if name in _SIGNATURES:
                 return self._window(func, name, x, args, kwargs)
             if name in _ADAPTIVE:
-                raise self._refuse(name, x, "pools the feature map to a fixed size inside the trunk (a global op, "
+                raise self.refusal(name, x, "pools the feature map to a fixed size inside the trunk (a global op, "
                                             "as in squeeze-excitation): on a block it would pool the block, not "
                                             "the image")
-            if name in _WINDOW_OPS:
-                raise self._refuse(name, x, "mixes pixels in a way the margins cannot bound or depends on the "
+            if name in WINDOW_OPS:
+                raise self.refusal(name, x, "mixes pixels in a way the margins cannot bound or depends on the "
                                             "image size (resizing, unfold, group or instance norm, flips, ...)")
         if name not in _INSPECT:
             for t in (args, kwargs.values()):
                 for a in t:
                     if isinstance(a, torch.Tensor) and getattr(a, _PAD_ATTR, None) is not None:
-                        raise self._refuse(name, a, "uses an explicitly padded tensor other than as the input of "
+                        raise self.refusal(name, a, "uses an explicitly padded tensor other than as the input of "
                                                     "the window op that follows the padding")
         return super().__torch_function__(func, types, args, kwargs)
 
@@ -247,7 +247,7 @@ class _BlockGuard(ShardingGuard):
         path = self._path()
         what = f"{name} on a tensor of shape {tuple(x.shape)}"
         if x.dim() != 4 or spatial_dims(x) != (2, 3):
-            raise self._refuse(name, x, "runs a 2-D window over dims that are not (2, 3) of an (N, C, H, W) tensor")
+            raise self.refusal(name, x, "runs a 2-D window over dims that are not (2, 3) of an (N, C, H, W) tensor")
         a = dict(zip(_SIGNATURES[name], args))
         a.update(kwargs)
         pad = getattr(x, _PAD_ATTR, None) or (0, 0, 0, 0)
@@ -514,11 +514,9 @@ class RegionReader:
     def __call__(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
         import numpy as np
 
-        from halo.data.region import _read_padded
+        from halo.data.region import read_rect
 
-        img = _read_padded(self.plan, (y0, y1, x0, x1), self.slide)
-        if self.plan.stain is not None:
-            img = self.plan.stain(img)
+        img = read_rect(self.plan, (y0, y1, x0, x1), slide=self.slide)
         x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float().div_(255)
         if self.device is not None:
             x = x.to(self.device)

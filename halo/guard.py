@@ -38,21 +38,23 @@ from halo.mesh import SpatialMesh
 from halo.nn._window import SPATIAL_ATTR, in_halo_op, is_replicated, mark_replicated
 from halo.nn.global_pool import global_avg_pool2d, global_max_pool2d, global_sum, is_global_size
 
-__all__ = ["ShardingGuard", "SPATIAL_ATTR", "spatial_dims", "mark_spatial"]
+__all__ = ["ShardingGuard", "SPATIAL_ATTR", "WINDOW_OPS", "spatial_dims", "mark_spatial"]
 
 # SPATIAL_ATTR (imported): the dims of a block that hold its spatial extent (default ``(2, 3)`` on 4-D)
 
 Dims = tuple[int, ...]
 _UNKNOWN: Dims = (-1,)  # an index the guard cannot follow (several advanced indices)
 
-_WINDOW_OPS = {
+WINDOW_OPS = frozenset({
     "conv1d", "conv2d", "conv3d", "conv_transpose2d", "conv_tbc", "convolution", "_convolution",
     "max_pool2d", "_max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "lp_pool2d",
     "fractional_max_pool2d", "fractional_max_pool2d_with_indices", "interpolate", "upsample",
     "upsample_nearest", "upsample_bilinear", "pad", "unfold", "fold", "grid_sample", "affine_grid",
     "pixel_shuffle", "pixel_unshuffle", "group_norm", "instance_norm", "local_response_norm",
     "roll", "flip", "fliplr", "flipud", "rot90", "bilinear", "max_unpool2d",
-}
+})
+"""Functional ops that mix pixels across a block edge or depend on the image size: refused on a block
+(a module halo swaps, e.g. ``nn.Conv2d``, runs its own exchange instead)."""
 # output shape known: each spatial dim must reappear whole (same size, same elements before it)
 _RESHAPES = {"flatten", "view", "reshape", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 # dims reordered: followed exactly by running the op on a probe whose dim sizes are distinct primes
@@ -222,7 +224,10 @@ def _index_dims(index: Any, x: torch.Tensor, dims: Dims) -> Dims | None:
 class ShardingGuard(TorchFunctionMode):
     """Active during a parallelized model's forward; see the module docstring.
 
-    ``where`` holds the path of the module running now, for error messages.
+    ``where`` holds the path of the module running now, for error messages. A subclass that
+    follows blocks the same way but answers otherwise (:mod:`halo.blockwise`) overrides two
+    hooks: :meth:`refusal` (the error a refused call raises) and :meth:`global_reduce` (what a
+    mean, sum or amax over both spatial dims of a block returns).
     """
 
     def __init__(self, mesh: SpatialMesh, where: list[str] | None = None) -> None:
@@ -230,7 +235,8 @@ class ShardingGuard(TorchFunctionMode):
         self.mesh = mesh
         self.where = where if where is not None else []
 
-    def _refuse(self, name: str, x: torch.Tensor, why: str) -> HaloNotSupportedError:
+    def refusal(self, name: str, x: torch.Tensor, why: str) -> HaloNotSupportedError:
+        """The error refusing ``name`` on block ``x`` ``why``: the module's path, the shape, what would work."""
         path = self.where[-1] if self.where else "<model>"
         return HaloNotSupportedError(
             f"{path or '<model>'} calls {name} on a sharded block of shape {tuple(x.shape)} (spatial dims "
@@ -279,14 +285,14 @@ class ShardingGuard(TorchFunctionMode):
             dim = _CATS[name]
             dim = dim if dim is not None else kwargs.get("dim", args[1] if len(args) > 1 else 0)
             if name != "stack" and any(dim % t.dim() in spatial_dims(t) for t in blocks):
-                raise self._refuse(name, first, f"joins blocks along spatial dim {dim}")
+                raise self.refusal(name, first, f"joins blocks along spatial dim {dim}")
         elif name in _MATMULS:
             x = args[0] if args else None
             weight = args[1] if len(args) > 1 else None
             plain = name in ("matmul", "mm", "__matmul__") and len(blocks) == 1 and blocks[0] is x
             plain = plain and isinstance(weight, torch.Tensor)
             if not (plain and weight.dim() <= 2 and (x.dim() - 1) not in spatial_dims(x)):
-                raise self._refuse(name, blocks[0], "contracts a spatial dim or multiplies two blocks (halo "
+                raise self.refusal(name, blocks[0], "contracts a spatial dim or multiplies two blocks (halo "
                                                     "shards x @ weight over a non-spatial last dim)")
 
     def _out_dims(self, func, name: str, t: torch.Tensor, x: Any, dims: Dims, blocks: list[torch.Tensor],
@@ -300,7 +306,7 @@ class ShardingGuard(TorchFunctionMode):
             if name in _RESHAPES:
                 found = _reshaped(x.shape, dims, t.shape)
                 if found is None:
-                    raise self._refuse(name, x, f"moves or merges the spatial dims of the block (to shape "
+                    raise self.refusal(name, x, f"moves or merges the spatial dims of the block (to shape "
                                                 f"{tuple(t.shape)})")
                 return found
             if name in _PERMUTES:
@@ -323,7 +329,7 @@ class ShardingGuard(TorchFunctionMode):
                 return _lost(t)
             for d in spatial_dims(b):
                 if t.shape[d + shift] != b.shape[d] and b.shape[d] != 1:  # size 1: broadcast (a per-sample draw)
-                    raise self._refuse(name, b, f"changes the size of spatial dim {d} (to shape {tuple(t.shape)}): "
+                    raise self.refusal(name, b, f"changes the size of spatial dim {d} (to shape {tuple(t.shape)}): "
                                                 f"a repeat, expand or crop of the block is not one of the image")
                 found.add(d + shift)
         return tuple(found)
@@ -336,9 +342,9 @@ class ShardingGuard(TorchFunctionMode):
             size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
             with_indices = kwargs.get("return_indices", args[2] if len(args) > 2 else False)
             if size is None or not is_global_size(size) or with_indices or name.endswith("with_indices"):
-                raise self._refuse(name, x, f"pools to {size} (only a global 1 x 1 pool is sharded)")
+                raise self.refusal(name, x, f"pools to {size} (only a global 1 x 1 pool is sharded)")
             if dims != (nd - 2, nd - 1):
-                raise self._refuse(name, x, "pools over dims that are not the spatial ones")
+                raise self.refusal(name, x, "pools over dims that are not the spatial ones")
             if "avg" in name:
                 return global_avg_pool2d(x, self.mesh)
             return global_max_pool2d(x, self.mesh)
@@ -349,42 +355,42 @@ class ShardingGuard(TorchFunctionMode):
             if reduced is not None and not set(dims) & set(reduced):
                 return None  # a reduction over batch or channels stays local
             if name in _ROUTED and reduced is not None and set(reduced) == set(dims) and len(dims) == 2 and nd == 4:
-                return self._global(name, x, dims, kwargs.get("keepdim", args[2] if len(args) > 2 else False))
-            raise self._refuse(name, x, "reduces over the spatial dims of the block")
+                return self.global_reduce(name, x, dims, kwargs.get("keepdim", args[2] if len(args) > 2 else False))
+            raise self.refusal(name, x, "reduces over the spatial dims of the block")
         if name in ("layer_norm", "rms_norm"):
             shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else ())
             count = 1 if isinstance(shape, int) else len(shape)
             if set(range(nd - count, nd)) & set(dims):
-                raise self._refuse(name, x, f"normalises over its last {count} dim(s), which include a spatial dim "
+                raise self.refusal(name, x, f"normalises over its last {count} dim(s), which include a spatial dim "
                                             f"(one device normalises over the whole image there)")
             return None
         if name == "linear" and nd - 1 in dims:
-            raise self._refuse(name, x, "maps its last dim, a spatial one, to features")
+            raise self.refusal(name, x, "maps its last dim, a spatial one, to features")
         if name == "channel_shuffle" and 1 in dims:
-            raise self._refuse(name, x, "shuffles dim 1, a spatial one")
+            raise self.refusal(name, x, "shuffles dim 1, a spatial one")
         if name == "batch_norm" and self._training_norm(args, kwargs):
-            raise self._refuse(name, x, "normalises with the block's own statistics in training mode (one device "
+            raise self.refusal(name, x, "normalises with the block's own statistics in training mode (one device "
                                         "uses those of the whole image); use nn.BatchNorm2d, which halo swaps")
         if name in _INPLACE_RESHAPES:
-            raise self._refuse(name, x, "reshapes the block in place (use the out-of-place op)")
-        if name in _WINDOW_OPS:
-            raise self._refuse(name, x, "mixes pixels across block edges or depends on the global size")
+            raise self.refusal(name, x, "reshapes the block in place (use the out-of-place op)")
+        if name in WINDOW_OPS:
+            raise self.refusal(name, x, "mixes pixels across block edges or depends on the global size")
         if name in _ELEMENTWISE_RANDOM and self._random(name, args, kwargs):
-            raise self._refuse(name, x, "draws element-wise random numbers that differ from one device's "
+            raise self.refusal(name, x, "draws element-wise random numbers that differ from one device's "
                                         "(use Dropout2d, which draws per channel)")
         if name in _CHANNEL_DROPOUT and self._random(name, args, kwargs) and {0, 1} & set(dims):
-            raise self._refuse(name, x, "drops whole channels of a block whose dim 0 or 1 is spatial")
+            raise self.refusal(name, x, "drops whole channels of a block whose dim 0 or 1 is spatial")
         if name in ("__getitem__", "__setitem__") and _index_dims(args[1] if len(args) > 1 else None, x, dims) is None:
-            raise self._refuse("indexing", x, "selects along the spatial dims of the block (a crop or a pixel "
+            raise self.refusal("indexing", x, "selects along the spatial dims of the block (a crop or a pixel "
                                               "differs between the block and the image)")
         along = _FIXED_DIM.get(name, _ALONG.get(name))
         if along is not None:
             dim = along if name in _FIXED_DIM else kwargs.get("dim", args[along] if len(args) > along else 0)
             if dim is None or not isinstance(dim, int) or dim % nd in dims:
-                raise self._refuse(name, x, f"works along dim {dim}, a spatial one (or the flattened block)")
+                raise self.refusal(name, x, f"works along dim {dim}, a spatial one (or the flattened block)")
         return None
 
-    def _global(self, name: str, x: torch.Tensor, dims: Dims, keepdim: bool) -> torch.Tensor:
+    def global_reduce(self, name: str, x: torch.Tensor, dims: Dims, keepdim: bool) -> torch.Tensor:
         """``mean`` / ``sum`` / ``amax`` over both spatial dims of a 4-D block, over the whole image."""
         order = [d for d in range(4) if d not in dims] + list(dims)
         y = x.permute(order)

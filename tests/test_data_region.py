@@ -257,3 +257,44 @@ def test_corrupt_tiles_raise_read_error(tmp_path: Path) -> None:
     assert str(p) in str(err) and "level 0" in str(err) and "(x, y)" in str(err) and "(width, height)" in str(err)
     assert err.level == 0
     clear_cache()
+
+
+@pytest.mark.parametrize("res", [{"level": 0}, {"mpp": 1.5}])
+def test_any_window_of_the_region_is_the_crop_of_the_full_read(slide_path: Path, res: dict) -> None:
+    """read_rect: any window (a block with margins, one past the region's edge, all padding)."""
+    plan = hd.plan_region(slide_path, grid=(2, 2), multiple=16, **res)
+    full = hd.read_full(plan)
+    h, w = plan.shape()
+    (cx, cy), (cw, ch) = plan.content
+    ox, oy = plan.origin
+    rng = np.random.default_rng(0)
+    windows = [(0, h, 0, w), (3, 40, 5, 77), (h - 9, h, w - 30, w)]
+    windows += [tuple(int(v) for v in (*np.sort(rng.integers(0, h + 1, 2)), *np.sort(rng.integers(0, w + 1, 2))))
+                for _ in range(8)]
+    for y0, y1, x0, x1 in windows:
+        if y1 <= y0 or x1 <= x0:
+            continue
+        np.testing.assert_array_equal(hd.read_rect(plan, (y0, y1, x0, x1)), full[y0:y1, x0:x1])
+        window = hd.content_window(plan, (y0, y1, x0, x1))
+        inside = (max(y0, cy - oy) < min(y1, cy - oy + ch)) and (max(x0, cx - ox) < min(x1, cx - ox + cw))
+        assert (window is not None) == inside
+        if window is not None:  # the slices hold the slide's pixels; all else is background
+            (ty0, ty1, tx0, tx1), (rows, cols) = window
+            assert (rows.stop - rows.start, cols.stop - cols.start) == (ty1 - ty0, tx1 - tx0)
+            assert (ty0, tx0) == (y0 + oy + rows.start, x0 + ox + cols.start)
+    pad = (0, max(1, cy - oy), 0, w)  # rows above the content box: all padding
+    if cy - oy > 0:
+        assert hd.content_window(plan, pad) is None
+        assert (hd.read_rect(plan, pad) == plan.background).all()
+
+
+def test_a_window_is_stain_normalised_as_its_block(tmp_path: Path) -> None:
+    from halo.data.synth import render_tissue
+
+    img, _, _ = render_tissue(np.random.default_rng(0), (384, 256), tumour=True)
+    p = write_slide(tmp_path / "he.tif", img, mpp=0.5, levels=2)
+    plan = hd.plan_region(p, grid=(2, 2), multiple=16, mpp=0.5, stain_normalize=True)
+    assert plan.stain is not None
+    bh, bw = plan.block_shape()
+    np.testing.assert_array_equal(hd.read_rect(plan, (bh, 2 * bh, 0, bw)), hd.read_block(plan, 1, 0))
+    np.testing.assert_array_equal(hd.read_rect(plan, (5, 70, 9, 100)), hd.read_full(plan)[5:70, 9:100])

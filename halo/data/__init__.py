@@ -17,7 +17,7 @@ the training resolution (a level's own pixels, or a box filter of them); arrays
 from halo.data.augment import IDENTITY, Augment, AugmentSpec, MacenkoNormalizer
 from halo.data.dataset import ManifestError, ManifestRow, SlideDataset, SlideItem
 from halo.data.prefetch import Prefetcher
-from halo.data.region import RegionPlan, block_rect, plan_region, read_block, read_full
+from halo.data.region import RegionPlan, block_rect, content_window, plan_region, read_block, read_full, read_rect
 from halo.data.slide import (
     LevelChoice,
     Slide,
@@ -36,7 +36,9 @@ __all__ = [
     "plan_region",
     "read_block",
     "read_full",
+    "read_rect",
     "block_rect",
+    "content_window",
     "RegionPlan",
     "SlideDataset",
     "SlideItem",

@@ -343,9 +343,7 @@ def read_block(
     if augment is not None:
         h, w = plan.shape()
         rect = augment.source_rect(rect, h, w)
-    img = _read_padded(plan, rect, slide)
-    if plan.stain is not None:
-        img = plan.stain(img)
+    img = read_rect(plan, rect, slide=slide)
     return augment(img) if augment is not None else img
 
 
@@ -358,26 +356,55 @@ def read_full(plan: RegionPlan, *, augment: AugmentSpec | None = None, slide: Sl
         ``uint8`` ``plan.shape(augment) + (3,)``.
     """
     h, w = plan.shape()
-    img = _read_padded(plan, (0, h, 0, w), slide)
-    if plan.stain is not None:
-        img = plan.stain(img)
+    img = read_rect(plan, (0, h, 0, w), slide=slide)
     return augment(img) if augment is not None else img
 
 
-def _read_padded(plan: RegionPlan, rect: tuple[int, int, int, int], slide: Slide | None) -> np.ndarray:
-    """Pixels ``rect = (y0, y1, x0, x1)`` of the un-augmented padded region."""
+def content_window(
+    plan: RegionPlan, rect: tuple[int, int, int, int]
+) -> tuple[tuple[int, int, int, int], tuple[slice, slice]] | None:
+    """Where ``rect = (y0, y1, x0, x1)`` of the padded region meets the slide's content box.
+
+    Returns
+    -------
+    tuple or None
+        ``((ty0, ty1, tx0, tx1), (rows, cols))``: that part in target pixels (the level's pixels
+        when ``plan.exact``), and the slices of ``rect`` it fills; None if ``rect`` is all padding.
+    """
     y0, y1, x0, x1 = rect
-    out = np.full((y1 - y0, x1 - x0, 3), plan.background, np.uint8)
     (cx, cy), (cw, ch) = plan.content
     ox, oy = plan.origin
-    # the part of rect inside the content box, in target coordinates
     ty0, ty1 = max(oy + y0, cy), min(oy + y1, cy + ch)
     tx0, tx1 = max(ox + x0, cx), min(ox + x1, cx + cw)
     if ty1 <= ty0 or tx1 <= tx0:
+        return None
+    return (ty0, ty1, tx0, tx1), (slice(ty0 - oy - y0, ty1 - oy - y0), slice(tx0 - ox - x0, tx1 - ox - x0))
+
+
+def read_rect(plan: RegionPlan, rect: tuple[int, int, int, int], *, slide: Slide | None = None) -> np.ndarray:
+    """Pixels ``rect = (y0, y1, x0, x1)`` of the un-augmented padded region, stain-normalised as
+    :func:`read_block` does: any window of the region, e.g. a block with margins
+    (:func:`halo.predict_blockwise`).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` ``(y1 - y0, x1 - x0, 3)``; outside the content box, ``plan.background``.
+    """
+    img = _read_padded(plan, rect, slide)
+    return plan.stain(img) if plan.stain is not None else img
+
+
+def _read_padded(plan: RegionPlan, rect: tuple[int, int, int, int], slide: Slide | None) -> np.ndarray:
+    """Pixels ``rect = (y0, y1, x0, x1)`` of the un-augmented padded region, before stain normalisation."""
+    y0, y1, x0, x1 = rect
+    out = np.full((y1 - y0, x1 - x0, 3), plan.background, np.uint8)
+    window = content_window(plan, rect)
+    if window is None:
         return out
+    (ty0, _, tx0, _), (rows, cols) = window
     s = slide if slide is not None else open_cached(plan.path)
-    dst = out[ty0 - oy - y0 : ty1 - oy - y0, tx0 - ox - x0 : tx1 - ox - x0]
-    _read_target(s, plan, tx0, ty0, dst)
+    _read_target(s, plan, tx0, ty0, out[rows, cols])
     return out
 
 

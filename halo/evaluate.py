@@ -31,7 +31,7 @@ def slide_metrics(labels: Sequence[int], probs: np.ndarray, num_classes: int) ->
     y = np.asarray(labels, dtype=int)
     p = np.asarray(probs, dtype=float)
     pred = p.argmax(1)
-    out: dict[str, float] = {"n": float(len(y))}
+    out: dict[str, float] = {"n": len(y)}  # a count: written 10, not 10.0
     if len(np.unique(y)) < 2:
         warnings.warn("validation labels hold a single class: AUC is undefined", RuntimeWarning, stacklevel=2)
         out["auc"] = math.nan

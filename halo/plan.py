@@ -49,7 +49,9 @@ Communication does not overlap computation unless ``--overlap``: the default is 
 
 The command line plans what ``halo-train`` builds (``halo.models.build_classifier``) on an
 image of ``--image HEIGHT WIDTH`` pixels, or on the padded region training reads from each
-slide (``--slide``, ``--csv``: planned by ``halo.data.SlideDataset`` itself). Sizes are
+slide (``--slide``, ``--csv``: planned by ``halo.data.SlideDataset`` itself); the flags it shares
+with ``halo-train`` (mesh, head, classes, checkpointing, mpp, level) default to halo-train's own
+defaults (:func:`train_defaults`), so that a plan with defaults is of the run with defaults. Sizes are
 ``(height, width)`` throughout and printed ``H x W``; ``halo.data``'s sizes are
 ``(width, height)``.
 """
@@ -75,7 +77,7 @@ from halo.nn._window import border_bands, native_padding, pair, split_local, win
 __all__ = ["LayerPlan", "Plan", "RankKind", "SlidePlan", "Trace", "Measurement", "plan", "plan_model", "plan_slide",
            "trace_model", "rank_kind", "measure", "measure_saved_bytes", "measure_checkpointed_bytes", "build_model",
            "main", "GpuSpec", "GPUS", "Collective", "StepSyncs", "TimeAssumptions", "step_syncs", "estimate_time",
-           "gpu_for_device", "math_mode"]
+           "gpu_for_device", "math_mode", "parse_args", "train_defaults", "TRAIN_DEFAULTS"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 TRACE_SIZE = 64
@@ -1539,6 +1541,14 @@ class _Cohort:
     def key(self, ds, i: int) -> str:
         return self.keys[i] if self.keys is not None else ds.rows[i].slide_id
 
+    def ref(self, ds, i: int) -> str:
+        """How a problem names row ``i``: ``halo.data.slide_ref`` (CSV line, key, path) for --csv; the
+        slide as given and its path for --slide (whose manifest is halo-plan's own)."""
+        from halo.data import slide_ref
+
+        r = ds.rows[i]
+        return f"slide {self.keys[i]!r} ({r.path})" if self.keys is not None else slide_ref(r.line, r.slide_id, r.path)
+
     def close(self) -> None:
         self._tmp.cleanup()
 
@@ -1589,6 +1599,22 @@ def _slide_line(s: SlidePlan, width: int) -> str:
             f"peak {_fmt(s.plan.total_bytes_per_rank)} per rank  {fits}")
 
 
+def _default_note(a: argparse.Namespace, name: str) -> str:
+    """`` (halo-train's default)`` when ``name`` was not given but taken from :func:`train_defaults`."""
+    return " (halo-train's default)" if name in getattr(a, "defaulted", ()) else ""
+
+
+def _resolution_note(a: argparse.Namespace) -> str:
+    """Which resolution slides are planned at, and whether that is halo-train's default."""
+    if a.mpp is None:
+        level = a.level if a.level is not None else 0
+        return f"read at level {level} (data.mpp=null, data.level{'' if a.level is not None else ' unset: level 0'})"
+    default = ", halo-train's default" if "mpp" in a.defaulted else ""
+    fallback = (f", level {a.level} for slides without a usable mpp (data.level)" if a.level is not None
+                else "; slides without a usable mpp need an mpp or level column, or --level")
+    return f"read at {a.mpp:g} mpp (data.mpp{default}){fallback}"
+
+
 def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace) -> int:
     """``--slide`` / ``--csv``: one line per slide, then the smallest square mesh for the largest."""
     from halo.data import ManifestError, SlideError, SlideTooSmallError
@@ -1607,7 +1633,7 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
             print(f"halo-plan: {e}", file=sys.stderr)
             return 2
         planned: list[tuple[int, SlidePlan]] = []
-        failed: list[tuple[str, str, str]] = []
+        failed: list[tuple[str, str, str, str, int | None]] = []  # key, path, why, how named, CSV line
         for i in range(len(ds)):
             key = cohort.key(ds, i)
             try:
@@ -1618,7 +1644,8 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
                 path = getattr(e, "path", None)
                 if path and why.startswith(f"{path}: "):  # the line names the slide already
                     why = why[len(path) + 2:]
-                failed.append((key, ds.rows[i].path, f"{type(e).__name__}: {why}"))
+                failed.append((key, ds.rows[i].path, f"{type(e).__name__}: {why}", cohort.ref(ds, i),
+                               None if cohort.keys is not None else ds.rows[i].line))
         largest = max(planned, key=lambda ip: ip[1].content_hw[0] * ip[1].content_hw[1], default=None)
         smallest: dict | None = None
         if largest is not None:
@@ -1641,21 +1668,24 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
         cohort.close()
     if a.json:
         out = {"model": a.model, "head": a.head, "total_stride": traced.stride, "mesh": list(mesh),
+               "mpp": a.mpp, "level": a.level, "defaults_from_halo_train": list(a.defaulted),
                "dtype": a.dtype, "batch": a.batch, "checkpointing": a.checkpointing,
                "gpu_memory_bytes": int(a.gpu_memory * GB), "sizes": "height, width",
                "slides": [s.summary() for _, s in planned]
-               + [{"slide": k, "path": path, "error": why} for k, path, why in failed],
+               + [{"slide": k, "path": path, "error": why, **({"csv_line": line} if line is not None else {})}
+                  for k, path, why, _, line in failed],
                "smallest_square_mesh": smallest}
         print(json.dumps(out, indent=2))
         return 1 if failed else 0
-    print(f"halo-plan: {a.model} with a {a.head} head (total stride {traced.stride}) on a {mesh[0]} x {mesh[1]} mesh, "
-          f"batch {a.batch}, {a.dtype}{', checkpointing' if a.checkpointing else ''}, {a.gpu_memory:g} GB per GPU; "
-          f"sizes are H x W (height x width) pixels at the level read")
-    width = max([len(s.key) for _, s in planned] + [len(k) for k, _, _ in failed] + [1])
+    print(f"halo-plan: {a.model} with a {a.head} head (total stride {traced.stride}) on a {mesh[0]} x {mesh[1]} mesh"
+          f"{_default_note(a, 'mesh')}, batch {a.batch}, {a.dtype}{', checkpointing' if a.checkpointing else ''}, "
+          f"{a.gpu_memory:g} GB per GPU; {_resolution_note(a)}; sizes are H x W (height x width) pixels at the level "
+          f"read")
+    width = max([len(s.key) for _, s in planned] + [1])
     for _, s in planned:
         print(_slide_line(s, width))
-    for key, _, why in failed:
-        print(f"  {key:{width}s}  cannot plan: {why}")
+    for _, _, why, ref, _ in failed:
+        print(f"  {ref}: cannot plan: {why}")
     if smallest is not None:
         th, tw = smallest["tissue_hw"]
         head = f"smallest square mesh for the largest slide ({smallest['slide']}, tissue {th} x {tw})"
@@ -1667,10 +1697,63 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
     return 1 if failed else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``halo-plan`` command line."""
-    from halo.models import HEADS, build_classifier
+TRAIN_DEFAULTS = ("mesh", "head", "num_classes", "checkpointing", "mpp", "level")
+"""The flags whose defaults are halo-train's (:func:`train_defaults`), not restated here."""
 
+
+@functools.cache
+def train_defaults() -> dict:
+    """What ``halo-train`` uses when not told otherwise, for the flags halo-plan shares with it.
+
+    Composed as ``halo-train data=csv`` composes its config (``conf/config.yaml`` over the typed
+    schema of :mod:`halo.train.config`; your slides are read with ``data=csv``), so that a plan
+    made with defaults is of the regions and mesh a training run with defaults reads. Keys:
+    ``mesh`` ``(rows, cols)``, ``head``, ``num_classes``, ``checkpointing``, ``mpp``, ``level``
+    and ``source`` (where they came from). Outside a usable config directory (or inside another
+    Hydra application) the schema's dataclass defaults are used.
+    """
+    from omegaconf import OmegaConf
+
+    try:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        from halo.train import CONF_DIR
+
+        if GlobalHydra.instance().is_initialized():
+            raise ValueError("Hydra is initialised already")
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=["data=csv"])
+        source = "halo-train data=csv (conf/config.yaml)"
+    except Exception:  # noqa: BLE001 - no conf/ here: the schema alone
+        from halo.train.config import Config
+
+        cfg, source = OmegaConf.structured(Config), "halo.train.config's schema"
+    return {"mesh": (int(cfg.mesh.rows), int(cfg.mesh.cols)), "head": str(cfg.head.name),
+            "num_classes": int(cfg.model.num_classes), "checkpointing": bool(cfg.train.checkpointing),
+            "mpp": None if cfg.data.mpp is None else float(cfg.data.mpp),
+            "level": None if cfg.data.level is None else int(cfg.data.level), "source": source}
+
+
+def _mpp_arg(text: str) -> float | None:
+    """``--mpp``: microns per pixel, or ``none`` / ``null`` (``data.mpp=null``: read --level)."""
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not microns per pixel (a number, or none)") from None
+
+
+_UNSET = object()
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The ``halo-plan`` argument parser; the flags of :data:`TRAIN_DEFAULTS` default to unset
+    (:func:`parse_args` fills them from :func:`train_defaults`)."""
+    from halo.models import HEADS
+
+    d = train_defaults()
     p = argparse.ArgumentParser(
         prog="halo-plan", description=__doc__.splitlines()[0],
         epilog="Sizes are HEIGHT then WIDTH, as arrays are ((N, C, H, W); halo.data's own sizes are (width, height)) "
@@ -1686,21 +1769,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True,
                    help="model.name as halo-train takes it: halo_tiny[_WIDTH], a torchvision name (resnet50) "
                         "or timm:<name>")
-    p.add_argument("--head", choices=HEADS, default="max", help="head.name (default max, halo-train's default)")
-    p.add_argument("--num-classes", type=int, default=2, help="model.num_classes (default 2)")
-    p.add_argument("--mesh", nargs=2, type=int, default=(1, 1), metavar=("ROWS", "COLS"),
-                   help="ranks per image: mesh.rows mesh.cols (default 1 1)")
+    p.add_argument("--head", choices=HEADS, default=_UNSET,
+                   help=f"head.name (default halo-train's: {d['head']})")
+    p.add_argument("--num-classes", type=int, default=_UNSET,
+                   help=f"model.num_classes (default halo-train's: {d['num_classes']})")
+    p.add_argument("--mesh", nargs=2, type=int, default=_UNSET, metavar=("ROWS", "COLS"),
+                   help=f"ranks per image: mesh.rows mesh.cols (default halo-train's: {d['mesh'][0]} {d['mesh'][1]})")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--checkpointing", action="store_true",
-                   help="recompute each trunk stage in backward, as train.checkpointing does")
+    p.add_argument("--checkpointing", action="store_const", const=True, default=_UNSET,
+                   help=f"recompute each trunk stage in backward, as train.checkpointing does (default "
+                        f"halo-train's: {str(d['checkpointing']).lower()})")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
                    help="memory budget per GPU in GB (default 80, an H100; with --gpu, that GPU's memory)")
-    p.add_argument("--mpp", type=float, default=None,
-                   help="with --slide/--csv: microns per pixel to train at (data.mpp; default: the level given by "
-                        "--level, else level 0); with --image: only reports the field of view")
-    p.add_argument("--level", type=int, default=None,
-                   help="pyramid level for slides without a usable mpp, or every slide without --mpp (data.level)")
+    p.add_argument("--mpp", type=_mpp_arg, default=_UNSET,
+                   help=f"with --slide/--csv: microns per pixel to train at (data.mpp; default halo-train's: "
+                        f"{d['mpp']}; none: every slide at --level, else level 0); with --image: only reports the "
+                        f"field of view (default none)")
+    p.add_argument("--level", type=int, default=_UNSET,
+                   help=f"pyramid level for slides without a usable mpp, or every slide with --mpp none "
+                        f"(data.level; default halo-train's: {d['level']})")
     p.add_argument("--root", default=None, help="folder relative slide paths of --csv resolve against "
                                                "(data.root; default the CSV's folder)")
     p.add_argument("--tissue", nargs="+", default=[], metavar="KEY=VALUE",
@@ -1750,7 +1838,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--cohort", type=int, default=None, metavar="N", help="slides per epoch")
     t.add_argument("--epochs", type=int, default=1, help="epochs for the total (default 1)")
     p.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """``halo-plan``'s arguments, each flag of :data:`TRAIN_DEFAULTS` not given taken from
+    :func:`train_defaults` (``--mpp`` and ``--level`` only with ``--slide`` / ``--csv``: with
+    ``--image`` the pixels are given). ``defaulted`` lists the flags so filled."""
+    a = (parser or _parser()).parse_args(argv)
+    d = train_defaults()
+    a.defaulted = []
+    for name in TRAIN_DEFAULTS:
+        if getattr(a, name) is _UNSET:
+            value = d[name] if a.image is None or name not in ("mpp", "level") else None
+            setattr(a, name, value)
+            if a.image is None or name not in ("mpp", "level"):
+                a.defaulted.append(name)
+    a.defaults_source = d["source"]
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``halo-plan`` command line."""
+    from halo.models import build_classifier
+
+    p = _parser()
+    a = parse_args(argv, p)
     gpu = GPUS[a.gpu or DEFAULT_GPU]
     if a.gpu_memory is None:
         a.gpu_memory = gpu.memory_gb if a.gpu is not None else 80.0
@@ -1838,7 +1951,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     s = result.summary()
     print(f"{a.model} with a {a.head} head on {s['image'][0]} x {s['image'][1]} (H x W; padded {s['padded_image'][0]} x "
-          f"{s['padded_image'][1]}), mesh {a.mesh[0]} x {a.mesh[1]}, block {s['block'][0]} x {s['block'][1]}, "
+          f"{s['padded_image'][1]}), mesh {a.mesh[0]} x {a.mesh[1]}{_default_note(a, 'mesh')}, block {s['block'][0]} x "
+          f"{s['block'][1]}, "
           f"batch {a.batch}, {a.dtype}"
           + (f", {s['field_mm'][0]} x {s['field_mm'][1]} mm at {a.mpp} mpp" if a.mpp else ""))
     for key in ("activation_bytes_per_rank", "param_bytes", "grad_bytes", "optimizer_bytes", "workspace_bytes",

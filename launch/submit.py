@@ -80,11 +80,15 @@ class TrainJob(submitit.helpers.Checkpointable):
         that the pickle does not depend on Hydra's state.
     run_dir : str
         Absolute run directory, fixed by the submitting side.
+    overrides : list of str, optional
+        The submitting command line's overrides: what was given explicitly, which
+        ``mode=predict`` keeps over the checkpoint's config (see :func:`halo.train.run`).
     """
 
-    def __init__(self, cfg: dict[str, Any], run_dir: str) -> None:
+    def __init__(self, cfg: dict[str, Any], run_dir: str, overrides: list[str] | None = None) -> None:
         self.cfg = cfg
         self.run_dir = str(run_dir)
+        self.overrides = list(overrides or [])
         self._requeued = False
 
     def config(self) -> DictConfig:
@@ -100,7 +104,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from launch.train import start
 
         # submitit's SIGUSR2 handler requeues the job and exits: leave with its code then
-        return start(self.config(), self.run_dir, requeued=lambda: self._requeued)
+        return start(self.config(), self.run_dir, requeued=lambda: self._requeued, overrides=self.overrides)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 when the job is preempted or times out.
@@ -114,7 +118,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         log.info("checkpoint: requeueing with train.resume=true (continues from %s)",
                  Path(self.run_dir) / "checkpoints" / "last.pt")
         return submitit.helpers.DelayedSubmission(
-            TrainJob(OmegaConf.to_container(cfg, resolve=True), self.run_dir))  # type: ignore[arg-type]
+            TrainJob(OmegaConf.to_container(cfg, resolve=True), self.run_dir, self.overrides))  # type: ignore[arg-type]
 
 
 def _mem(value: Any) -> dict[str, Any]:
@@ -497,7 +501,8 @@ def _state(job: submitit.Job) -> str:
         return "UNKNOWN"
 
 
-def submit(cfg: DictConfig, run_dir: str | os.PathLike[str], out: Any = None) -> int:
+def submit(cfg: DictConfig, run_dir: str | os.PathLike[str], out: Any = None,
+           overrides: list[str] | None = None) -> int:
     """Submit the training that ``cfg`` describes, wait for it, report; return the exit status.
 
     Parameters
@@ -508,6 +513,8 @@ def submit(cfg: DictConfig, run_dir: str | os.PathLike[str], out: Any = None) ->
         The run directory; made absolute here and passed to every task.
     out : text stream, optional
         Where progress and rank 0's log go (stdout).
+    overrides : list of str, optional
+        The command line's overrides, passed to every task (:class:`TrainJob`).
     """
     out = out or sys.stdout
     run_dir = Path(run_dir).absolute()
@@ -529,7 +536,7 @@ def submit(cfg: DictConfig, run_dir: str | os.PathLike[str], out: Any = None) ->
     payload = OmegaConf.to_container(cfg, resolve=True)
     executor = make_executor(launcher, run_dir / "submitit" / "%j")
     try:
-        job = executor.submit(TrainJob(payload, str(run_dir)))  # type: ignore[arg-type]
+        job = executor.submit(TrainJob(payload, str(run_dir), overrides))  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - sbatch refused it (partition, account, resources, ...)
         print(f"halo-submit: submission failed: {type(exc).__name__}: {str(exc).strip()}", file=sys.stderr,
               flush=True)
@@ -599,7 +606,8 @@ _EXIT: list[int] = []
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    _EXIT.append(submit(cfg, HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    _EXIT.append(submit(cfg, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task)))
 
 
 def main() -> None:

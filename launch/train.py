@@ -49,13 +49,14 @@ def resume_if_requeued(cfg: DictConfig) -> DictConfig:
 
 
 def start(cfg: DictConfig, run_dir: str | None = None, *,
-          requeued: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+          requeued: Callable[[], bool] = lambda: False, overrides: list[str] | None = None) -> dict[str, Any]:
     """Check ``cfg``, join the job's process group and run it under the failure guard; the summary.
 
     ``run_dir`` is Hydra's output directory when None. Rank 0 prints a one-line JSON result.
     ``requeued`` says whether a ``SystemExit`` during the run is submitit's requeue on
     preemption or time-out (`launch.submit.TrainJob`): the process then leaves with that
     exit code at once (submitit's local executor requeues on it), not as a failure.
+    ``overrides``: the command line's, where Hydra's are not this process's (see :func:`halo.train.run`).
     """
     check(cfg)
     resume_if_requeued(cfg)
@@ -63,7 +64,7 @@ def start(cfg: DictConfig, run_dir: str | None = None, *,
     log.info("rank %d of %d (%s), resume=%s", env.rank, env.world_size, env.source, cfg.train.resume)
     with guard(env):  # a failing rank ends the whole job, naming itself; nothing hangs
         try:
-            summary = run(cfg, run_dir)
+            summary = run(cfg, run_dir, overrides=overrides)
         except SystemExit as exc:
             if not requeued():
                 raise

@@ -27,7 +27,8 @@ SLOW_MODULES = {"test_benchmarks", "test_launch_real", "test_launch_train", "tes
 
 SLOW_TESTS = ("wide_resnet", "resnext", "densenet", "test_model_four_ranks", "test_layout_models",
               "test_optimizer_steps_match", "test_autocast_bfloat16", "test_checkpointed_stage_ending",
-              "test_equals_sharded_prediction", "test_matches_full_forward", "test_sync_counts_equal_a_real_run_on_2x2")
+              "test_equals_sharded_prediction", "test_matches_full_forward", "test_sync_counts_equal_a_real_run_on_2x2",
+              "test_after_resume")
 """Name fragments of single slow tests elsewhere (the biggest torchvision models, four-rank runs)."""
 
 

@@ -69,8 +69,8 @@ def test_duplicate_rows_and_keys_are_reported(tmp_path: Path) -> None:
         _ds(csv_path)
     probs = ei.value.problems
     assert len(probs) == 2, probs
-    assert probs[0].startswith("line 3:") and "a.tif" in probs[0] and "line 2" in probs[0]
-    assert probs[1].startswith("line 5:") and "'x'" in probs[1] and "line 4" in probs[1]
+    assert probs[0].startswith("line 3, slide ") and "a.tif" in probs[0] and "line 2" in probs[0]
+    assert probs[1].startswith("line 5, slide 'x'") and "'x'" in probs[1] and "line 4" in probs[1]
     assert "siteB" in probs[1]
 
 
@@ -158,8 +158,8 @@ def test_bad_split_values_are_reported(tmp_path: Path) -> None:
         _ds(csv_path)
     probs = ei.value.problems
     assert len(probs) == 2, probs
-    assert probs[0].startswith("line 3:") and "'validation'" in probs[0] and "s1.tif" in probs[0]
-    assert probs[1].startswith("line 4:") and "s2.tif" in probs[1] and "empty" in probs[1]
+    assert probs[0].startswith("line 3, slide 's1'") and "'validation'" in probs[0] and "s1.tif" in probs[0]
+    assert probs[1].startswith("line 4, slide 's2'") and "s2.tif" in probs[1] and "empty" in probs[1]
 
 
 # -- per-slide resolution -------------------------------------------------------------------
@@ -187,8 +187,8 @@ def test_mixed_cohort_each_slide_at_its_own_level(tmp_path: Path) -> None:
     # read at another resolution than the rest: named once each, before training
     mixed = ds.resolution_warnings()
     assert len(mixed) == 2, mixed
-    assert mixed[0].startswith("line 3: slide 'nompp'") and "no known mpp" in mixed[0], mixed
-    assert mixed[1].startswith("line 5: slide 'col_level'") and "0.5 um per pixel" in mixed[1] and "2x" in mixed[1]
+    assert mixed[0].startswith("line 3, slide 'nompp'") and "no known mpp" in mixed[0], mixed
+    assert mixed[1].startswith("line 5, slide 'col_level'") and "0.5 um per pixel" in mixed[1] and "2x" in mixed[1]
 
 
 def test_slide_without_mpp_and_no_override_names_the_fixes(tmp_path: Path) -> None:
@@ -203,7 +203,7 @@ def test_slide_without_mpp_and_no_override_names_the_fixes(tmp_path: Path) -> No
     with pytest.raises(hd.ManifestError) as ei:
         _ds(csv_path)
     probs = ei.value.problems
-    assert [p.split(":", 1)[0] for p in probs] == ["line 2", "line 3", "line 4"], probs
+    assert [p.split(",", 1)[0] for p in probs] == ["line 2", "line 3", "line 4"], probs
     assert "level 7" in probs[0] and "ok.tif" in probs[0]
     assert "nompp.tif" in probs[1] and "mpp column" in probs[1] and "level column" in probs[1]
     assert "data.level" in probs[1]
@@ -216,7 +216,7 @@ def test_implausible_mpp_is_reported_with_the_override(tmp_path: Path) -> None:
     with pytest.raises(hd.ManifestError) as ei:
         _ds(csv_path, mpp=1.0)
     (prob,) = ei.value.problems
-    assert prob.startswith("line 2:") and BOXES.name in prob
+    assert prob.startswith("line 2, slide ") and BOXES.name in prob
     assert "352.8" in prob and "implausible" in prob
     assert "mpp column" in prob and "level column" in prob
     # the dataset's level is used instead of the untrusted mpp
@@ -283,5 +283,5 @@ def test_damaged_and_unreadable_slides_are_found_before_training(tmp_path: Path)
         _ds(csv_path, mpp=None, level=0)
     problems = err.value.problems
     assert len(problems) == 2, problems
-    assert problems[0].startswith("line 3:") and "cut.svs" in problems[0] and "ends early" in problems[0], problems
-    assert problems[1].startswith("line 4:") and "unreadable.svs" in problems[1], problems
+    assert problems[0].startswith("line 3, slide ") and "cut.svs" in problems[0] and "ends early" in problems[0], problems
+    assert problems[1].startswith("line 4, slide ") and "unreadable.svs" in problems[1], problems

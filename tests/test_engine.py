@@ -56,11 +56,10 @@ def _run(csv_path: str, run_dir: str, extra: list[str]) -> dict:
 
     from halo.train import CONF_DIR, run
 
+    overrides = ["data=csv", f"data.csv={csv_path}", "data.classes=[normal,tumour]", "data.mpp=1.0", "mesh=1x1",
+                 "train.epochs=1", "train.progress=false", "train.threads=1", "data.augment.enabled=false", *extra]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "data=csv", f"data.csv={csv_path}", "data.classes=[normal,tumour]", "data.mpp=1.0", "mesh=1x1",
-            "train.epochs=1", "train.progress=false", "train.threads=1", "data.augment.enabled=false", *extra,
-        ])
+        cfg = compose("config", overrides=overrides)
     records: list[str] = []
 
     class Keep(logging.Handler):
@@ -72,7 +71,7 @@ def _run(csv_path: str, run_dir: str, extra: list[str]) -> dict:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        summary = run(cfg, run_dir=run_dir)
+        summary = run(cfg, run_dir=run_dir, overrides=overrides)  # as halo-train's command line: given explicitly
     finally:
         logger.removeHandler(handler)
     return {"summary": summary, "log": records}

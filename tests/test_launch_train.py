@@ -97,6 +97,15 @@ def test_checkpoint_requeues_with_resume(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert job.config().train.resume is True
 
+    # the command line travels with the job (and its requeue) to halo.train.run: in mode=predict,
+    # what was given explicitly is kept over the checkpoint's config
+    told = TrainJob(OmegaConf.to_container(cfg, resolve=True), str(tmp_path), ["head=mean", "data.mpp=2.0"])
+    assert told.checkpoint().function.overrides == ["head=mean", "data.mpp=2.0"]
+    seen = {}
+    monkeypatch.setattr("launch.train.start", lambda cfg, run_dir, **kw: seen.update(kw, run_dir=run_dir))
+    told()
+    assert seen["overrides"] == ["head=mean", "data.mpp=2.0"] and seen["run_dir"] == str(tmp_path)
+
     # DESIGN.md's command line becomes this batch script
     if shutil.which("srun"):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

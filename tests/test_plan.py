@@ -245,11 +245,12 @@ def test_resnet50_region_is_the_smallest_multiple_on_a_2x2_grid(tmp_path: Path, 
     lcm(2, 2) * 32 = 64 that holds the region read, never a whole multiple more."""
     path = write_slide(tmp_path / "b.tif", noise_slide_image(700, 300, tissue=(50, 20, 500, 200)), mpp=0.5, levels=1)
     rc, out = _run_main(capsys, "--model", "resnet50", "--slide", str(path), "--mesh", "2", "2",
-                        "--tissue", "enabled=false", "--json")
+                        "--mpp", "0.5", "--tissue", "enabled=false", "--json")
     assert rc == 0, out
     [whole] = json.loads(out)["slides"]
     assert whole["padded_hw"] == [320, 704] and whole["block_hw"] == [160, 352], whole  # 300 x 700 read
-    rc, out = _run_main(capsys, "--model", "resnet50", "--slide", str(path), "--mesh", "2", "2", "--json")
+    rc, out = _run_main(capsys, "--model", "resnet50", "--slide", str(path), "--mesh", "2", "2", "--mpp", "0.5",
+                        "--json")
     [tissue] = json.loads(out)["slides"]
     for padded, content in zip(tissue["padded_hw"], tissue["tissue_hw"]):
         assert padded % 64 == 0 and content <= padded < content + 64, tissue
@@ -285,14 +286,15 @@ def test_a_slide_that_cannot_be_planned_is_named_and_fails(tmp_path: Path, capsy
     good = write_slide(tmp_path / "ok.tif", noise_slide_image(256, 256), mpp=0.5)
     rc, out = _run_main(capsys, "--model", "halo_tiny", "--slide", str(good), str(tmp_path / "missing.tif"))
     assert rc == 1
-    assert len(_slide_lines(out)) == 2 and "missing.tif  cannot plan: " in out, out
+    missing = tmp_path / "missing.tif"
+    assert len(_slide_lines(out)) == 2 and f"  slide '{missing}' ({missing}): cannot plan: " in out, out
 
 
 def test_model_halo_tiny_plans_what_training_builds(capsys) -> None:
     """--model halo_tiny plans halo-train's slide classifier (trunk and head): on one rank its
     activation bytes are what autograd saves for that model."""
     rc, out = _run_main(capsys, "--model", "halo_tiny", "--head", "attention", "--image", "192", "128", "--batch", "2",
-                        "--json")
+                        "--mesh", "1", "1", "--json")
     assert rc == 0
     got = json.loads(out)
     assert got["padded_image"] == [192, 128] and got["block"] == [192, 128]

@@ -4,11 +4,14 @@ Columns (header on line 1; rows are numbered by their line in the file):
 
 ``slide`` (required)
     A path, absolute or relative to ``root``, or an id resolved to ``root/<id>.<ext>``.
-``label`` (required)
-    A class name or a class index.
+``label`` (required, unless ``labels_required=False``)
+    A class name or a class index. For prediction (``labels_required=False``) the column may be
+    absent and an entry empty: the row is unlabelled (label ``-1``); a label outside the classes
+    is still a problem.
 ``split``
     ``train``, ``val`` or ``test`` (case-insensitive). Given on some rows, it must be given on
-    every row. Absent or empty everywhere, it is derived (see below).
+    every row. Absent or empty everywhere, it is derived (see below). With
+    ``derive_split=False`` (prediction) each row keeps the split it gives, empty included.
 ``patient``
     Slides of one patient are kept in one split: a derived split puts them on one side, and a
     given split that has a patient in two splits is a problem.
@@ -86,7 +89,7 @@ from halo.data.tissue import TissueOptions
 
 __all__ = [
     "ManifestError", "ManifestRow", "SlideItem", "SlideDataset", "SLIDE_EXTENSIONS", "SPLITS", "COLUMNS",
-    "MPP_PLAUSIBLE", "derive_split", "slide_file_name",
+    "MPP_PLAUSIBLE", "derive_split", "slide_file_name", "slide_ref",
 ]
 
 SLIDE_EXTENSIONS: tuple[str, ...] = (
@@ -104,8 +107,19 @@ MPP_PLAUSIBLE: tuple[float, float] = (0.1, 20.0)
 """Level-0 microns per pixel a scanner can plausibly have; a slide's metadata outside is not trusted."""
 
 
+def slide_ref(line: int, key: str, path: str | os.PathLike[str]) -> str:
+    """How every per-slide message names a slide: ``line 4, slide 'A12' (/data/A12.svs)``: its CSV
+    line (header = 1), its key (:attr:`ManifestRow.slide_id`) and its resolved path."""
+    return f"line {line}, slide {key!r} ({os.fspath(path)})"
+
+
+_PENDING = "\x00slide\x00"
+"""Stands for :func:`slide_ref` in a problem found before the row's key is known (:meth:`SlideDataset._parse`)."""
+
+
 class ManifestError(ValueError):
-    """Every problem found in a manifest, one per line, each naming the CSV line and the file.
+    """Every problem found in a manifest, one per line, each naming the slide by :func:`slide_ref`
+    (CSV line, key and path) or, for the CSV's own structure, the line.
 
     Attributes
     ----------
@@ -132,6 +146,8 @@ class ManifestRow:
         The row's key, unique in the CSV (see the module docstring).
     path:
         The slide's resolved path.
+    label:
+        The class index; ``-1`` for an unlabelled row (only with ``labels_required=False``).
     split:
         ``train``, ``val`` or ``test``: given, or derived (:attr:`SlideDataset.derived_split`).
     patient:
@@ -198,6 +214,12 @@ class SlideDataset:
     validate:
         Validate the whole manifest now (default True). Without it, only problems found in
         the CSV itself (no slide opened) are raised.
+    labels_required:
+        Every row needs a label (training). False (prediction): the ``label`` column may be
+        absent and entries empty; such rows get label ``-1``.
+    derive_split:
+        Derive a split when the CSV gives none (training). False (prediction): every row keeps
+        its own ``split`` entry, None where it is empty, and no split is required.
 
     Attributes
     ----------
@@ -236,6 +258,8 @@ class SlideDataset:
         val_fraction: float = 0.25,
         seed: int = 0,
         validate: bool = True,
+        labels_required: bool = True,
+        derive_split: bool = True,
     ) -> None:
         self.csv_path = os.fspath(csv_path)
         self.classes = [str(c) for c in classes]
@@ -249,6 +273,7 @@ class SlideDataset:
         self.multiple, self.mpp, self.level = int(multiple), mpp, level
         self.split, self.strict = split, bool(strict)
         self.val_fraction, self.seed = float(val_fraction), int(seed)
+        self.labels_required, self.derive = bool(labels_required), bool(derive_split)
         self.root = Path(os.path.abspath(root)) if root is not None else Path(self.csv_path).resolve().parent
         self.record_dir = Path(record_dir) if record_dir is not None else None
         self._plan_kw: dict[str, Any] = {"tissue": tissue, "rot90": rot90, "stain_normalize": stain_normalize,
@@ -274,7 +299,7 @@ class SlideDataset:
         with open(self.csv_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             cols = [c.strip() for c in (reader.fieldnames or [])]
-            missing = [c for c in ("slide", "label") if c not in cols]
+            missing = [c for c in ("slide", "label") if c not in cols and (c == "slide" or self.labels_required)]
             if missing:
                 raise ManifestError(self.csv_path, [f"line 1: missing column(s) {missing}; found {cols}"])
             for raw in reader:
@@ -285,8 +310,8 @@ class SlideDataset:
                     problems.append((line, f"line {line}: empty 'slide' entry"))
                     continue
                 path = self._resolve(entry)
-                where = f"line {line}: slide {entry!r} ({path})"
-                label = self._label(rec.get("label", ""))
+                where = _PENDING  # slide_ref(line, key, path) once the keys are known (below)
+                label = -1 if not self.labels_required and not rec.get("label") else self._label(rec.get("label", ""))
                 if label is None:
                     problems.append((line, f"{where}: label {rec.get('label', '')!r} is not one of {self.classes}"))
                     label = -1
@@ -310,6 +335,8 @@ class SlideDataset:
         if not pend and not problems:
             problems.append((1, "line 1: no slides listed"))
         problems += self._keys(pend)
+        refs = {p["line"]: slide_ref(p["line"], p["key"], p["path"]) for p in pend}
+        problems = [(line, text.replace(_PENDING, refs[line]) if _PENDING in text else text) for line, text in problems]
         problems += self._splits(pend)
         rows = [ManifestRow(line=p["line"], slide_id=p["key"], path=p["path"], label=p["label"],
                             split=p["split"] if p["split"] in SPLITS else None, patient=p["patient"],
@@ -333,7 +360,7 @@ class SlideDataset:
         first_file: dict[str, dict[str, Any]] = {}
         first_key: dict[str, dict[str, Any]] = {}
         for p in pend:
-            where = f"line {p['line']}: slide {p['entry']!r} ({p['path']})"
+            where = slide_ref(p["line"], p["key"], p["path"])
             f, k = first_file.setdefault(p["real"], p), first_key.setdefault(p["key"], p)
             if f is not p:
                 problems.append((p["line"], f"{where}: the same file as line {f['line']} ({f['entry']!r}); "
@@ -359,6 +386,8 @@ class SlideDataset:
     def _splits(self, pend: list[dict[str, Any]]) -> list[tuple[int, str]]:
         """Fill in derived splits, or check given ones (every row has one; no patient in two)."""
         problems: list[tuple[int, str]] = []
+        if not self.derive:  # prediction: the CSV's own split per row, empty allowed
+            return problems
         if not any(p["split"] for p in pend):
             self.derived_split = True
             groups = [f"patient {p['patient']}" if p["patient"] else f"row {p['line']}" for p in pend]
@@ -369,7 +398,7 @@ class SlideDataset:
         by_patient: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
         for p in pend:
             if not p["split"]:
-                problems.append((p["line"], f"line {p['line']}: slide {p['entry']!r} ({p['path']}): empty split "
+                problems.append((p["line"], f"{slide_ref(p['line'], p['key'], p['path'])}: empty split "
                                             f"while other rows have one; give it one of {list(SPLITS)}, or leave "
                                             f"the split empty on every row to have it derived"))
             elif p["patient"] and p["split"] in SPLITS:
@@ -453,7 +482,7 @@ class SlideDataset:
         problems: list[tuple[int, str]] = list(self._parse_problems)
         rows, cols = self.grid
         for r in self.all_rows:
-            where = f"line {r.line}: slide {r.slide_id!r} ({r.path})"
+            where = slide_ref(r.line, r.slide_id, r.path)
             if not os.path.exists(r.path):
                 problems.append((r.line, f"{where}: file not found"))
                 continue
@@ -465,9 +494,10 @@ class SlideDataset:
                     wt, ht = ch.target_size
                     if ht < rows * self.multiple or wt < cols * self.multiple:
                         problems.append((r.line,
-                            f"{where}: too small for the grid: {wt}x{ht} (width x height) at level "
-                            f"{ch.level}, downsample {ch.downsample:g}; grid {rows}x{cols} with multiple "
-                            f"{self.multiple} needs at least {cols * self.multiple}x{rows * self.multiple}"
+                            f"{where}: too small for the grid: {ht} x {wt} (H x W) at level "
+                            f"{ch.level}, downsample {ch.downsample:g}; a grid of {rows} x {cols} (rows x cols) "
+                            f"with multiple {self.multiple} needs at least {rows * self.multiple} x "
+                            f"{cols * self.multiple} (H x W)"
                         ))
             except SlideError as exc:
                 problems.append((r.line, f"{where}: {_reason(exc)}"))
@@ -495,10 +525,10 @@ class SlideDataset:
         for line, ch in sorted(self.choices.items()):
             r = rows[line]
             if ch.mpp is None:
-                out.append(f"line {line}: slide {r.slide_id!r} ({r.path}) is read at level {ch.level} with no "
+                out.append(f"{slide_ref(line, r.slide_id, r.path)} is read at level {ch.level} with no "
                            f"known mpp, beside slides at a median {median:.3g} um per pixel: add its mpp column")
             elif abs(ch.mpp - median) > tolerance * median:
-                out.append(f"line {line}: slide {r.slide_id!r} ({r.path}) is read at {ch.mpp:.3g} um per pixel "
+                out.append(f"{slide_ref(line, r.slide_id, r.path)} is read at {ch.mpp:.3g} um per pixel "
                            f"(level {ch.level}), {max(ch.mpp, median) / min(ch.mpp, median):.2g}x apart from "
                            f"the cohort's median {median:.3g}")
         return out
@@ -592,17 +622,19 @@ class SlideDataset:
         """
         r = self.rows[i]
         reason = _reason(exc)
+        where = slide_ref(r.line, r.slide_id, r.path)
         if self.strict:
             if isinstance(exc, SlideError):
-                raise exc
-            raise SlideError(r.path, f"line {r.line}: {reason}") from exc
+                raise exc.named(where)
+            err = SlideError(r.path, reason)
+            err.where, err.args = where, (f"{where}: {reason}",)
+            raise err from exc
         with self._lock:
             first = r.path not in self.skipped
             self.skipped[r.path] = reason
         if not first:
             return
-        warnings.warn(f"skipping slide {r.slide_id!r} ({r.path}, {self.csv_path} line {r.line}): {reason}",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{where} of {self.csv_path}: skipped: {reason}", RuntimeWarning, stacklevel=2)
         if self.record_dir is not None:
             self.record_dir.mkdir(parents=True, exist_ok=True)
             out = self.record_dir / "skipped_slides.csv"
@@ -725,6 +757,9 @@ def _strip_path(exc: SlideError) -> str:
 def _reason(exc: BaseException) -> str:
     """The message of a slide error without its leading path (the caller names it)."""
     msg = str(exc)
+    where = getattr(exc, "where", None)
+    if where and msg.startswith(f"{where}: "):  # named already (SlideError.named): "<type>: ..." follows
+        return msg[len(where) + 2:]
     path = getattr(exc, "path", None)
     if path and msg.startswith(f"{path}: "):
         msg = msg[len(path) + 2:]

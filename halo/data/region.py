@@ -248,9 +248,9 @@ def plan_region(
     if ht < rows * multiple or wt < cols * multiple:
         raise SlideTooSmallError(
             slide.path,
-            f"{wt}x{ht} (width x height) pixels at level {choice.level}, downsample {d:g} "
-            f"is smaller than grid {rows}x{cols} times multiple {multiple} "
-            f"(needs at least {cols * multiple}x{rows * multiple})",
+            f"{ht} x {wt} (H x W) pixels at level {choice.level}, downsample {d:g} "
+            f"is smaller than a grid of {rows} x {cols} (rows x cols) times multiple {multiple} "
+            f"(needs at least {rows * multiple} x {cols * multiple} (H x W))",
         )
     mask = None
     tds: tuple[float, float] = (1.0, 1.0)

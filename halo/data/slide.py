@@ -91,7 +91,20 @@ class SlideError(Exception):
 
     def __init__(self, path: str | os.PathLike[str], message: str) -> None:
         self.path = os.fspath(path)
+        self.where: str | None = None
         super().__init__(f"{self.path}: {message}")
+
+    def named(self, where: str) -> SlideError:
+        """Name the slide as a manifest row does (``where``: :func:`halo.data.slide_ref`, its CSV
+        line, key and path) instead of by its path alone: the message becomes
+        ``"<where>: <type>: <what happened>"``. Returns this error (named once)."""
+        if getattr(self, "where", None) is None:
+            msg = str(self)
+            if msg.startswith(f"{self.path}: "):
+                msg = msg[len(self.path) + 2:]
+            self.where = where
+            self.args = (f"{where}: {type(self).__name__}: {msg}",)
+        return self
 
 
 class SlideOpenError(SlideError, OSError):
@@ -120,7 +133,7 @@ class SlideReadError(SlideError, OSError):
         super().__init__(
             path,
             f"read failed at level {level}, (x, y)={tuple(location)} in {frame}, "
-            f"(width, height)={tuple(size)}: {cause}",
+            f"size {size[1]} x {size[0]} (H x W): {cause}",
         )
 
 
@@ -215,7 +228,7 @@ def _page_damage(page: Any, size: int, what: str) -> str | None:
         return None
     kind = "tiles" if page.is_tiled else "strips"
     return (
-        f"{what} (TIFF directory {page.index}, {page.imagewidth}x{page.imagelength}): {int(bad.sum())} of "
+        f"{what} (TIFF directory {page.index}, {page.imagelength} x {page.imagewidth} (H x W)): {int(bad.sum())} of "
         f"{off.size} {kind} end past the end of the file (data up to byte {int(end.max())}, "
         f"the file has {size} bytes)"
     )
@@ -534,8 +547,9 @@ class Slide:
                 fx, fy = self.level_factors(level)
                 raise SlideResolutionError(
                     self.path,
-                    f"level {level} ({self._dims[level][0]}x{self._dims[level][1]}) is {fx:.6g} x {fy:.6g} level-0 "
-                    f"pixels per pixel, not a whole number: OpenSlide ({self.reader_note}) cannot read it exactly",
+                    f"level {level} ({self._dims[level][1]} x {self._dims[level][0]} (H x W)) is {fy:.6g} x {fx:.6g} "
+                    f"(H x W) level-0 pixels per pixel, not a whole number: OpenSlide ({self.reader_note}) cannot "
+                    f"read it exactly",
                 )
             k = self._dims[0][0] // self._dims[level][0]
             return self.read((x * k, y * k), level, (w, h), background)

@@ -41,13 +41,18 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def run_id() -> str:
-    """An id that every rank of one launch agrees on, for the default run directory."""
+    """An id that every rank of one launch agrees on, for the default run directory.
+
+    The launcher's (torchrun, SLURM, MPI) where there is one, else the local date and time,
+    ``2026-12-01_17-12-04`` (sortable; :func:`halo.train.rundir.claim` keeps two predictions of one
+    second apart).
+    """
     for var in ("HALO_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PMI_KVSNAME", "PMIX_NAMESPACE"):
         value = os.environ.get(var)
         if value:
             suffix = os.environ.get("SLURM_ARRAY_TASK_ID") if var == "SLURM_JOB_ID" else None
             return f"{value}_{suffix}" if suffix else value
-    return time.strftime("%H-%M-%S")
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
 if not OmegaConf.has_resolver("halo_run_id"):
@@ -63,11 +68,15 @@ def _run_dir(cfg: DictConfig) -> Path:
         return Path(cfg.get("run_dir") or "runs/manual")
 
 
-def run(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None, *,
+        overrides: list[str] | None = None) -> dict[str, Any]:
     """Train (``mode=train``) or predict (``mode=predict``) as ``cfg`` says; returns the summary.
 
     Needs an initialised ``torch.distributed`` process group (world 1 works): `launch.train`
     starts one from the launcher's environment. ``run_dir`` is Hydra's output directory when None.
+    ``overrides`` are the command line's (``["head=mean", "data.mpp=1.0"]``): what was given
+    explicitly, which ``mode=predict`` keeps over the checkpoint's config; None: Hydra's under
+    ``@hydra.main``, else none.
     """
     import torch.distributed as dist
 
@@ -77,7 +86,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None) -> dict[
                            "launch.init_distributed() (halo-train and python -m halo.train do), or "
                            "torch.distributed.init_process_group('gloo', ...) for one process")
     run_dir = Path(run_dir) if run_dir is not None else _run_dir(cfg)
-    return (train if cfg.mode == "train" else predict)(cfg, run_dir)
+    if cfg.mode == "train":
+        return train(cfg, run_dir)
+    return predict(cfg, run_dir, overrides=overrides)
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -124,7 +135,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
                          "train.schedule=constant to train on)", job.run_dir, t.epochs)
             _barrier()
             return json.loads((job.run_dir / "summary.json").read_text())
-    elif t.resume:
+    elif t.resume and job.is_main:  # once, not once per rank
         log.warning("train.resume=true but %s does not exist: starting from scratch", ckpts / "last.pt")
     ddp = None
     for epoch in range(state["epoch"], t.epochs):
@@ -137,7 +148,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         state["history"].append({
             "epoch": epoch + 1, "train_loss": loss, **{f"val_{k}": v for k, v in metrics.items() if k != "confusion"},
             "lr": sched.get_last_lr()[0], "slides_seen": state["slides_seen"],
-            "seconds": round(time.time() - started, 2)})
+            "seconds": round(time.time() - started, 2), "train_seconds": round(trained_s, 2)})
         auc = metrics.get("auc", math.nan)
         # no val, or a val set whose AUC is undefined (one class): the last epoch is the best
         improved = len(val_ds) == 0 or math.isnan(auc) or auc > state["best_auc"]
@@ -170,6 +181,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     }
     if test is not None:
         summary["test"] = {"slides": len(test[1]), **test[0]}
+    summary["peak_memory_bytes"] = peak_memory(job)  # a collective: every rank calls it
     if job.is_main:
         write_rows(job.run_dir, "predictions.csv", rows, job.classes)
         if test is not None:
@@ -179,32 +191,72 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return summary
 
 
-def predict(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Predict every row of the cohort with ``cfg.checkpoint`` into ``run_dir/predict/<id>/``; collective."""
+def predict(cfg: DictConfig, run_dir: str | os.PathLike[str], *, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Predict every row of the cohort with ``cfg.checkpoint`` into ``run_dir/predict/<id>/``; collective.
+
+    The model (``model.name``, ``model.num_classes``, ``head``), ``data.classes`` and how slides
+    are read (``data.mpp``, ``data.level``, ``data.canvas``, ``data.stain_normalize``,
+    ``data.tissue``) come from the checkpoint's config unless ``overrides`` (see :func:`run`) give
+    them: a model key given otherwise is refused, a reading key is honoured with a warning
+    (:func:`halo.train.checkpoint.adopt`). Rows need no label; metrics are the labelled rows'.
+    """
+    import torch.distributed as dist
+
+    from halo.checkpoint import load_checkpoint
     from halo.errors import InputError
     from halo.train import checkpoint
     from halo.train.data import SlideSource
     from halo.train.evaluate import evaluate
     from halo.train.job import start
-    from halo.train.rundir import write_rows, write_summary
+    from halo.train.rundir import command_line, write_rows, write_summary
 
     if not cfg.checkpoint:
         raise InputError("halo-train: mode=predict needs checkpoint=PATH (a best.pt or last.pt)")
+    ckpt = load_checkpoint(cfg.checkpoint)  # every rank: before the model is built from its config
+    given = checkpoint.given_keys(command_line() if overrides is None else overrides)
+    cfg = checkpoint.adopt(cfg, ckpt.get("config") or {}, given, cfg.checkpoint, dist.get_rank() == 0)
     job = start(cfg, run_dir)
-    note = checkpoint.mesh_note(checkpoint.load_model(job, cfg.checkpoint), job)
+    note = checkpoint.mesh_note(checkpoint.load_model(job, cfg.checkpoint, ckpt), job)
+    del ckpt
     if note and job.is_main:
         log.warning(note)
     source = SlideSource(job)
     ds = source.dataset(None, validate=True)
     metrics, rows = evaluate(job, source, ds, heatmaps=cfg.train.heatmaps)
     source.write_records()
+    labelled = sum(r["label"] is not None for r in rows)
+    if not labelled and job.is_main:
+        log.info("none of the %d slides predicted has a label: no metrics", len(rows))
     summary = {"mode": "predict", "checkpoint": str(cfg.checkpoint), "slides": len(rows), "metrics": dict(metrics),
+               "labelled": labelled, "unlabelled": len(rows) - labelled,
                "run_dir": str(job.run_dir), "grid": list(job.grid), "blockwise": job.blocks is not None}
     if job.is_main:
         write_rows(job.run_dir, "predictions.csv", rows, job.classes)
         write_summary(job.run_dir, summary)
     _barrier()
     return summary
+
+
+def peak_memory(job) -> dict[str, Any]:
+    """Every rank's peak memory so far, gathered on every rank; collective.
+
+    ``{"kind": "cuda_allocated", "per_rank": [...]}`` (``torch.cuda.max_memory_allocated`` of the
+    rank's device) on CUDA, else ``{"kind": "cpu_rss", ...}`` (the process's peak resident set,
+    ``getrusage(RUSAGE_SELF).ru_maxrss``); bytes, in rank order.
+    """
+    import torch
+
+    from halo.train.job import all_gather
+
+    if job.device.type == "cuda":
+        kind, mine = "cuda_allocated", int(torch.cuda.max_memory_allocated(job.device))
+    else:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        kind, mine = "cpu_rss", int(rss if sys.platform == "darwin" else rss * 1024)
+    return {"kind": kind, "per_rank": [int(b) for b in all_gather(mine)]}
 
 
 def _world() -> int:

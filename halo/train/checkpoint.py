@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from halo.checkpoint import FORMAT, check_signature, load_checkpoint, save_atomic
 from halo.errors import InputError
 from halo.train.job import Job, all_gather
 
-__all__ = ["rng_state", "set_rng_state", "save", "restore", "load_model", "mesh_note"]
+__all__ = ["rng_state", "set_rng_state", "save", "restore", "load_model", "mesh_note", "MODEL_KEYS", "READ_KEYS",
+           "given_keys", "adopt"]
 
 log = logging.getLogger("halo.train")
 
@@ -80,7 +81,8 @@ def restore(job: Job, path: Path, opt, sched) -> dict[str, Any]:
         log.warning("%s was written by %d ranks, this run has %d: random streams (dropout, and any "
                     "augmentation drawn from torch) are re-seeded, not continued", path, len(ckpt["rng"]),
                     dist.get_world_size())
-    log.info("resumed from %s at epoch %d", path, ckpt["state"]["epoch"])
+    if job.is_main:
+        log.info("resumed from %s at epoch %d", path, ckpt["state"]["epoch"])
     return dict(ckpt["state"])
 
 
@@ -112,12 +114,13 @@ def _check_schedule(job: Job, ckpt: dict[str, Any], path: Path, sched) -> None:
         f"train.schedule=constant, or start a new run from its weights")
 
 
-def load_model(job: Job, path: str | Path) -> dict[str, Any]:
+def load_model(job: Job, path: str | Path, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load the model of a checkpoint written on any mesh and world size (its signature must match).
 
+    ``ckpt`` is the file's contents when already loaded (:func:`halo.checkpoint.load_checkpoint`).
     Returns the config the checkpoint was trained with (empty for checkpoints without one).
     """
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     check_signature(ckpt, job.signature, path)
     job.model.load_state_dict(ckpt["model_state"])
     return ckpt.get("config") or {}
@@ -153,3 +156,122 @@ def mesh_note(trained: dict[str, Any], job: Job) -> str | None:
             f"padded to another size (slides.csv: padded_height, padded_width) sees more or less background, and its "
             f"prediction can differ slightly; {fix}. Train with data.canvas set to a multiple of every mesh's unit "
             f"to make predictions independent of the mesh")
+
+
+MODEL_KEYS = ("model.name", "model.num_classes", "head.name", "head.options", "data.classes")
+"""What ``mode=predict`` takes from the checkpoint's config: its weights load into that model only,
+so a value given otherwise is refused."""
+
+READ_KEYS = ("data.mpp", "data.level", "data.canvas", "data.stain_normalize", "data.tissue")
+"""How training read its slides (what pixels the model saw): ``mode=predict`` reads so too, unless
+a value is given otherwise, which is honoured with a warning."""
+
+_GROUPS = {"model": "model.name", "head": "head.name"}  # a group chosen on the command line names its model
+
+
+def given_keys(overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """The config keys a command line's overrides set, each with its override as written
+    (``head=mean`` sets ``head.name``).
+
+    Other config groups (``data=csv``, ``mesh=1x1``) choose a cohort or a mesh, not the model or
+    its resolution, and set nothing here.
+    """
+    keys: dict[str, str] = {}
+    for item in overrides:
+        key = str(item).lstrip("+~").split("=", 1)[0].split("@", 1)[0].strip()
+        if "." in key:
+            keys[key] = str(item)
+        elif key in _GROUPS:
+            keys[_GROUPS[key]] = str(item)
+    return keys
+
+
+def _given(key: str, given: dict[str, str]) -> str | None:
+    """The override that sets ``key`` (or a key above or below it), or None."""
+    return next((text for k, text in given.items() if k == key or k.startswith(key + ".") or key.startswith(k + ".")),
+                None)
+
+
+_ABSENT = object()
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def adopt(cfg: DictConfig, trained: dict[str, Any], given: dict[str, str], path: str | Path,
+          is_main: bool) -> DictConfig:
+    """``cfg`` for predicting with a checkpoint trained with config ``trained`` (a copy; ``cfg`` is kept).
+
+    :data:`MODEL_KEYS` and :data:`READ_KEYS` not ``given`` on the command line (:func:`given_keys`) are taken from
+    ``trained`` (logged once, on rank 0); ``model.weights`` is not read (the checkpoint holds the
+    weights). A checkpoint without a config (an old one) changes nothing.
+
+    Raises
+    ------
+    halo.errors.InputError
+        A :data:`MODEL_KEYS` value given unlike the checkpoint's, naming both.
+    """
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    if not trained:
+        if is_main:
+            log.warning("%s holds no training config: the model is built as this run's config says", path)
+        return cfg
+    taken, differ = [], []
+    leaves = []
+    for key in (*MODEL_KEYS, *READ_KEYS):
+        old = _lookup(trained, key)
+        if key == "data.tissue" and isinstance(old, dict):
+            leaves += [f"{key}.{k}" for k in old]
+        elif old is not _ABSENT:
+            leaves.append(key)
+    for key in leaves:
+        old = _lookup(trained, key)
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent)
+        if node is None or leaf not in node.keys():  # (`in node` is False for a missing value)
+            continue  # a key this version no longer has
+        new = None if OmegaConf.is_missing(node, leaf) else node[leaf]
+        new = OmegaConf.to_container(new, resolve=True) if OmegaConf.is_config(new) else new
+        text = _given(key, given)
+        if text is not None and new != old:
+            if key in MODEL_KEYS:
+                short = {"model.name": "model", "head.name": "head", "model.num_classes": "num_classes",
+                         "data.classes": "classes"}.get(key, key)
+                raise InputError(
+                    f"halo-train: checkpoint {path} is from another model: {short}={old!r} in training, but the "
+                    f"command line gives {text} ({key}={new!r}); its weights load only into the model they were "
+                    f"trained in: leave {text} out (mode=predict takes the model, head and classes from the "
+                    f"checkpoint)")
+            differ.append(f"predicting at {key}={_show(new)}, the model was trained at {_show(old)}: it sees other "
+                          f"pixels than in training; leave {key} off the command line to read as training did")
+            continue
+        if new != old:
+            OmegaConf.update(cfg, key, old, merge=False)
+        taken.append(f"{key}={_show(old)}")
+    note = ""
+    if cfg.model.weights:
+        note = f"; model.weights={cfg.model.weights} is not read (the checkpoint holds the weights)"
+        cfg.model.weights = None
+    if is_main:
+        log.info("predicting with the model and reading as in training, from the checkpoint %s: %s%s", path,
+                 " ".join(taken), note)
+        for line in differ:
+            log.warning(line)
+    return cfg

@@ -110,7 +110,11 @@ class TrainConfig:
     unfreeze_at: Optional[int] = doc("epoch (1-based) from which the frozen stages train too; DDP is rebuilt", None)
     trunk_lr_scale: float = doc("trunk learning rate relative to the head's", 1.0)
     heatmaps: bool = doc("write heatmaps/<key>.png of every validation, test and predicted slide", True)
-    progress: bool = doc("tqdm progress bars on rank 0", True)
+    progress: bool = doc("show progress on rank 0: bars on a terminal, else a log line every progress_every_s", True)
+    progress_bars: Optional[bool] = doc("null: tqdm bars only when stderr is a terminal (not in a SLURM .out file); "
+                                        "true: bars always; false: plain log lines always", None)
+    progress_every_s: float = doc("without bars: a progress line at most this often, seconds (and one per pass at "
+                                  "its end)", 30.0)
     threads: Optional[int] = doc("torch threads per rank (null: cores / ranks on this node)", None)
 
 
@@ -156,7 +160,8 @@ class Config:
     dist: DistConfig = doc("torch.distributed (conf/dist)", factory=DistConfig)
     launcher: LauncherConfig = doc("halo-submit's job (conf/launcher)", factory=LauncherConfig)
     mode: str = doc("train or predict", "train")
-    checkpoint: Optional[str] = doc("predict: the checkpoint (best.pt / last.pt) to load", None)
+    checkpoint: Optional[str] = doc("predict: the checkpoint (best.pt / last.pt) to load; its model, head, classes "
+                                    "and reading resolution are used unless given", None)
     blocks: list[int] = doc("predict: [rows, cols] blocks per slide, run one at a time by one rank (eval mode: every "
                             "layer is local), as a rows x cols mesh predicts it, on any number of devices; []: the mesh",
                             factory=list)

@@ -46,8 +46,8 @@ SLIDE_RECORD = {
     "key": "the slide's key (its CSV entry, or slide_id): predictions and heatmaps are named by it",
     "path": "the file read",
     "csv_line": "its line in the CSV (header = 1)",
-    "split": "train, val or test",
-    "label": "its class",
+    "split": "train, val or test (predict: the CSV's own, empty where it gives none)",
+    "label": "its class (empty: unlabelled, predict only)",
     "vendor": "OpenSlide's format name (aperio, generic-tiff, dicom, ...)",
     "reader": "what decoded its pixels (tifffile: the stored level as is; openslide)",
     "level": "pyramid level read",
@@ -93,6 +93,7 @@ class SlideSource:
         self.job = job
         self.augment = augment_options(job.cfg.data)
         self.records: dict[str, dict[str, Any]] = {}  # slide key -> what this rank read
+        self._norms: list[torch.nn.Module] | None = None  # the trunk's batch norms, found once
 
     def csv_path(self) -> str:
         """The cohort CSV; the synthetic cohort is generated on rank 0 on first use."""
@@ -122,6 +123,8 @@ class SlideSource:
             level=data.level, split=split, strict=data.strict, root=data.root, record_dir=job.run_dir,
             val_fraction=data.val_fraction, seed=data.split_seed, tissue=tissue_options(data),
             stain_normalize=data.stain_normalize, canvas=data.canvas or None,
+            # prediction: unlabelled rows are welcome, and each row keeps the CSV's own split
+            labels_required=job.cfg.mode == "train", derive_split=job.cfg.mode == "train",
         )
         path = self.csv_path()
         problem = None
@@ -164,14 +167,21 @@ class SlideSource:
 
         plan, m = ds.plan(index), self.job.multiple
         pw, ph = plan.padded_size
-        if pw // m * (ph // m) > 1 or not any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) and x.training
-                                             for x in self.job.model.trunk.modules()):
+        if pw // m * (ph // m) > 1 or not self._norm_training():
             return False
         ds.mark_failed(index, SlideTooSmallError(plan.path, (
             f"its region pads to {ph} x {pw} (H x W) pixels at level {plan.level}, a single {m}-pixel cell of the "
             f"trunk's output, and batch norm in training needs at least two values per channel: read it at a finer "
             f"resolution (its mpp or level column, data.mpp) or set data.canvas={2 * m}")))
         return True
+
+    def _norm_training(self) -> bool:
+        """Whether any batch norm of the trunk is in training mode (the modules are walked once;
+        their modes are read each time, as :func:`halo.train.loop.trunk_mode` may change them)."""
+        if self._norms is None:
+            self._norms = [x for x in self.job.model.trunk.modules()
+                           if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)]
+        return any(x.training for x in self._norms)
 
     def blockwise(self, ds: SlideDataset, index: int):
         """Slide ``index`` predicted block by block by this rank alone (``blocks=[rows, cols]``):

@@ -24,15 +24,17 @@ __all__ = ["evaluate", "heatmap"]
 
 @torch.no_grad()
 def evaluate(job: Job, source: SlideSource, ds: SlideDataset, heatmaps: bool) -> tuple[dict[str, Any], list[dict]]:
-    """Predict every slide of ``ds``; returns the metrics and one row per slide; collective."""
+    """Predict every slide of ``ds``; returns the metrics and one row per slide; collective.
+
+    The metrics are those of the labelled rows (``{}`` when none is); an unlabelled row's
+    ``label`` is None.
+    """
     job.model.eval()
     mine = group_steps(list(range(len(ds))), job.mesh.data, job.group)
     rows = []
-    bar = None
-    if job.is_main and job.cfg.train.progress and mine:
-        from tqdm import tqdm
+    from halo.train.loop import progress  # bars on a terminal, plain log lines in a log file
 
-        bar = tqdm(total=len(mine), desc=f"predict {ds.split or 'all'}", unit="slide", dynamic_ncols=True)
+    bar = progress(job, len(mine), f"predict {ds.split or 'all'}") if mine else None
     for index, weight in mine:
         if job.blocks:  # this rank alone, block by block: the whole map is here
             out = source.blockwise(ds, index)
@@ -59,7 +61,8 @@ def evaluate(job: Job, source: SlideSource, ds: SlideDataset, heatmaps: bool) ->
             del full
         if ok[job.group] and weight > 0 and job.first_in_group:
             item = ds.rows[index]
-            rows.append({"slide": item.slide_id, "index": index, "split": item.split, "label": item.label,
+            rows.append({"slide": item.slide_id, "index": index, "split": item.split,
+                         "label": item.label if item.label >= 0 else None,
                          "probs": torch.softmax(logits[0], 0).cpu().tolist()})
         if bar is not None:
             bar.update(1)
@@ -68,8 +71,9 @@ def evaluate(job: Job, source: SlideSource, ds: SlideDataset, heatmaps: bool) ->
     unique = {r["slide"]: r for part in all_gather(rows) for r in part}
     all_rows = list(unique.values())
     metrics: dict[str, Any] = {}
-    if all_rows:
-        metrics = slide_metrics([r["label"] for r in all_rows], np.array([r["probs"] for r in all_rows]),
+    labelled = [r for r in all_rows if r["label"] is not None]
+    if labelled:
+        metrics = slide_metrics([r["label"] for r in labelled], np.array([r["probs"] for r in labelled]),
                                 len(job.classes))
     return metrics, all_rows
 
@@ -80,4 +84,6 @@ def heatmap(job: Job, ds: SlideDataset, index: int, m: np.ndarray) -> None:
     score = m[-1] if m.shape[0] > 1 else m[0]  # positive class (CAM) or attention weights
     label = "attention" if m.shape[0] == 1 else f"{job.classes[-1]} score"
     save_heatmap(job.run_dir / "heatmaps" / f"{slide_file_name(item.slide_id)}.png", ds.plan(index), score,
-                 mask_path=item.mask, label=label, title=f"{item.slide_id} (label {job.classes[item.label]})")
+                 mask_path=item.mask, label=label,
+                 title=f"{item.slide_id} (label {job.classes[item.label]})" if item.label >= 0 else
+                 f"{item.slide_id} (unlabelled)")

@@ -24,9 +24,83 @@ from halo.errors import InputError
 from halo.train.data import SlideSource, group_steps
 from halo.train.job import Job
 
-__all__ = ["frozen_stages", "trunk_mode", "param_groups", "optimizer", "train_epoch"]
+__all__ = ["frozen_stages", "trunk_mode", "param_groups", "optimizer", "train_epoch", "Progress", "progress"]
 
 log = logging.getLogger("halo.train")
+
+
+class Progress:
+    """How far one pass over slides is, on rank 0: tqdm bars on a terminal, plain log lines elsewhere.
+
+    A SLURM ``.out`` file is not a terminal: bars redrawn there are one line per redraw. Without
+    bars, a line ``"<desc>: <n>/<total> slides, <s> s elapsed[, loss ...]"`` goes to the
+    ``halo.train`` log at most every ``every_s`` seconds, and once when the pass ends.
+
+    Parameters
+    ----------
+    total, desc, unit:
+        Steps in the pass, its name (``epoch 3``), what a step is.
+    file:
+        Where bars go (default ``sys.stderr``); whether it is a TTY decides ``bars=None``.
+    bars:
+        None: bars when ``file`` is a terminal; True: bars always; False: log lines always
+        (``train.progress_bars``).
+    every_s:
+        Seconds between log lines without bars (``train.progress_every_s``).
+    clock:
+        Seconds (``time.monotonic``; tests pass their own).
+    """
+
+    def __init__(self, total: int, desc: str, *, file=None, bars: bool | None = None, every_s: float = 30.0,
+                 unit: str = "slide", clock=None) -> None:
+        import sys
+        import time
+
+        self.total, self.desc, self.unit, self.every_s, self.n = total, desc, unit, every_s, 0
+        self.file = file if file is not None else sys.stderr
+        isatty = getattr(self.file, "isatty", None)
+        self.bars = bool(isatty()) if bars is None and callable(isatty) else bool(bars)
+        self._clock = clock or time.monotonic
+        self._bar = None
+        if self.bars:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=self.file)
+        else:
+            self._start = self._last = self._clock()
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        """``n`` more steps done; ``postfix`` values (or callables giving them, evaluated only when
+        shown, e.g. ``loss=loss.item``) are shown beside the count."""
+        before, self.n = self.n, self.n + n
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix and before % 4 == 0:
+                self._bar.set_postfix(**{k: _shown(v) for k, v in postfix.items()})
+            return
+        now = self._clock()
+        if self.n >= self.total or now - self._last >= self.every_s:
+            self._last = now
+            extra = "".join(f", {k} {_shown(v)}" for k, v in postfix.items())
+            log.info("%s: %d/%d %ss, %.1f s elapsed%s", self.desc, self.n, self.total, self.unit, now - self._start,
+                     extra)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _shown(value: Any) -> str:
+    value = value() if callable(value) else value
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def progress(job: Job, total: int, desc: str) -> Progress | None:
+    """A :class:`Progress` on rank 0 when ``train.progress`` (None elsewhere)."""
+    t = job.cfg.train
+    if not (job.is_main and t.progress):
+        return None
+    return Progress(total, desc, bars=t.get("progress_bars"), every_s=float(t.get("progress_every_s", 30.0)))
 
 
 def frozen_stages(job: Job, epoch: int) -> int:
@@ -57,6 +131,16 @@ def trunk_mode(job: Job, epoch: int, ddp: DDP | None) -> DDP:
     if ddp is not None and job.is_main:
         log.info("epoch %d: trunk stages 1-%d unfrozen (train.unfreeze_at), DDP rebuilt", epoch + 1,
                  job.model.frozen_stages)
+    elif ddp is None and epoch > 0 and job.is_main:  # resumed: say what an uninterrupted run has said
+        t = job.cfg.train
+        if t.trunk == "frozen":
+            log.info("epoch %d (resumed): trunk frozen (train.trunk=frozen)", epoch + 1)
+        elif t.unfreeze_at is not None and n == 0:
+            log.info("epoch %d (resumed): trunk stages 1-%d unfrozen since epoch %d (train.unfreeze_at)", epoch + 1,
+                     t.freeze_stages, t.unfreeze_at)
+        elif n > 0:
+            until = f" until epoch {t.unfreeze_at} (train.unfreeze_at)" if t.unfreeze_at is not None else ""
+            log.info("epoch %d (resumed): trunk stages 1-%d frozen (train.freeze_stages)%s", epoch + 1, n, until)
     job.model.freeze(n)
     if not any(p.requires_grad for p in job.model.parameters()):
         raise InputError("halo-train: nothing to train: every parameter is frozen")
@@ -109,11 +193,7 @@ def train_epoch(job: Job, source: SlideSource, ddp: DDP, opt, sched, ds: SlideDa
     _train_mode(job)
     total = torch.zeros((), device=job.device)
     count = torch.zeros((), device=job.device)
-    bar = None
-    if job.is_main and t.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}", unit="slide", dynamic_ncols=True)
+    bar = progress(job, len(order), f"epoch {epoch + 1}")
     opt.zero_grad(set_to_none=True)
     with Prefetcher(lambda i: source.block(ds, i, seeds[i]), order) as blocks:
         for step, (index, x) in enumerate(blocks):
@@ -136,9 +216,7 @@ def train_epoch(job: Job, source: SlideSource, ddp: DDP, opt, sched, ds: SlideDa
                 total += loss.detach()
                 count += 1
             if bar is not None:
-                bar.update(1)
-                if step % 4 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update(1, loss=loss.item)
     if bar is not None:
         bar.close()
     # every group's sum counts once; every rank of a group holds the same loss

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from halo.errors import InputError
 from halo.evaluate import write_predictions
 
-__all__ = ["RUN_FILES", "claim", "write_metrics", "write_rows", "write_summary"]
+__all__ = ["RUN_FILES", "claim", "command_line", "write_metrics", "write_rows", "write_summary"]
 
 log = logging.getLogger("halo.train")
 
@@ -34,7 +34,7 @@ def _folder_name(value: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in value) or "run"
 
 
-def _overrides() -> list[str]:
+def command_line() -> list[str]:
     """The command line's overrides (Hydra's ``overrides.yaml``), or [] outside ``@hydra.main``."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -48,7 +48,9 @@ def claim(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path:
     """The directory this run writes to, checked on rank 0 and agreed by every rank; collective.
 
     ``mode=predict`` writes into ``predict/<run id>/`` of ``run_dir``, so a training run's files
-    stay as they are. ``mode=train`` into a directory that holds checkpoints is refused unless
+    stay as they are; a run id already there (two predictions in one second) gets ``-2``, ``-3``,
+    ... appended, each directory created exclusively so that no prediction overwrites another.
+    ``mode=train`` into a directory that holds checkpoints is refused unless
     ``train.resume=true`` (continue it) or ``train.overwrite=true`` (its results are removed).
     Hydra writes nothing itself (``hydra.output_subdir: null``): ``.hydra/config.yaml`` and
     ``.hydra/overrides.yaml`` are written here, once the directory is claimed.
@@ -66,9 +68,11 @@ def claim(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path:
         t = cfg.train
         old = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
         if cfg.mode == "predict":
-            out = run_dir / "predict" / _folder_name(run_id())
-            if out.exists() and any(out.iterdir()):
-                problem = f"halo-train: {out} already holds a prediction; choose another hydra.run.dir"
+            out = _new_dir(run_dir / "predict", _folder_name(run_id()))
+            if out is None:
+                problem = (f"halo-train: {run_dir / 'predict'} holds too many predictions of one run id; "
+                           f"choose another hydra.run.dir")
+                out = run_dir
         elif old and not t.resume and not t.overwrite:
             problem = (f"halo-train: {run_dir} already holds a training run (checkpoints/{', '.join(old)}): "
                        f"pass train.resume=true to continue it, train.overwrite=true to replace it, or "
@@ -86,12 +90,28 @@ def claim(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path:
     if is_main:
         (out / ".hydra").mkdir(parents=True, exist_ok=True)
         (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (out / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(_overrides()))
+        (out / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(command_line()))
     return out
 
 
+def _new_dir(parent: Path, name: str) -> Path | None:
+    """``parent/name``, or ``name-2``, ``name-3``, ...: the first that did not exist, now created."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        out = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            out.mkdir()
+        except FileExistsError:
+            continue
+        return out
+    return None
+
+
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    """``metrics.csv``: one row per epoch."""
+    """``metrics.csv``: one row per epoch: ``epoch``, ``train_loss``, ``val_<metric>`` (``val_n``, the
+    validation slides, an int; ``val_auc``, ``val_balanced_accuracy``, ``val_f1``), ``lr``,
+    ``slides_seen``, ``seconds`` (the whole epoch) and ``train_seconds`` (its training part,
+    validation apart)."""
     keys = list(dict.fromkeys(k for r in history for k in r))
     lines = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) for r in history]
     (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")

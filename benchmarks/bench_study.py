@@ -20,7 +20,7 @@ attention head, optimizer, schedule, epochs and seeds:
 Per approach and mpp: validation AUC (the best epoch's, as ``summary.json`` reports it, recomputed from
 ``predictions.csv`` with sklearn; and the last epoch's) as mean and spread over seeds, the peak RSS of
 the largest training process (``VmHWM`` of every process of the run, sampled; the torchrun agent left
-out), training seconds per slide per epoch (from halo-train's ``epoch N: K slides in T s`` line) and
+out), training seconds per slide per epoch (``metrics.csv``: ``train_seconds`` over the slides of an epoch) and
 each run's wall time. Every run is a fresh process tree, so peaks do not mix.
 
 Usage::
@@ -35,11 +35,11 @@ results of runs that finished before (an interrupted full run continues).
 
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -62,7 +62,6 @@ REPO = HERE.parent
 PNG = HERE / "results" / "study.png"
 PY = sys.executable
 CLASSES = ["normal", "tumour"]
-EPOCH_LINE = re.compile(r"epoch (\d+): (\d+) slides in ([0-9.]+) s")
 
 FULL = dict(seeds=3, slides=40, epochs=8, size=None, down_mpps=(1.0, 2.0, 4.0, 8.0), halo_mpps=(0.5, 1.0),
             patches=16, patch=128, timeout=3600, threads=None)
@@ -299,10 +298,13 @@ def halo_run(name: str, out: Path, csv_path: Path, *, approach: str, mpp: float,
         raise RuntimeError(f"{name}: halo-train exited with {m['rc']}{' (timed out)' if m['timed_out'] else ''}; "
                            f"command: {' '.join(launcher + overrides)}\n{_tail(log)}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    epochs_seen = [(int(e), int(n), float(s)) for e, n, s in EPOCH_LINE.findall(log.read_text(errors="replace"))]
-    train_s = [s for _, _, s in epochs_seen]
-    n_train = epochs_seen[0][1] if epochs_seen else 0
-    per_slide = sum(train_s) / (n_train * len(train_s)) if train_s and n_train else math.nan
+    with open(run_dir / "metrics.csv", newline="") as fh:  # one row per epoch: train_seconds, slides_seen
+        epochs_seen = list(csv.DictReader(fh))
+    if not epochs_seen or "train_seconds" not in epochs_seen[0]:
+        raise RuntimeError(f"{name}: {run_dir / 'metrics.csv'} has no train_seconds per epoch\n{_tail(log)}")
+    train_s = [float(r["train_seconds"]) for r in epochs_seen]
+    n_train = int(epochs_seen[0]["slides_seen"])
+    per_slide = sum(train_s) / (n_train * len(train_s))
     rec = {
         "name": name, "approach": approach, "mpp": mpp, "seed": seed, "mesh": f"1x{cols}", "processes": cols,
         "auc": _auc_from_predictions(run_dir / "predictions.csv"), "summary_auc": summary.get("val_auc"),

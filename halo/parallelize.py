@@ -14,6 +14,7 @@ the image seeds torch the same way (:func:`halo.manual_seed`).
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterable
 
@@ -24,7 +25,7 @@ from halo.errors import HaloNotSupportedError
 from halo.guard import ShardingGuard
 from halo.mesh import SpatialMesh
 from halo.nn.group_norm import HaloGroupNorm
-from halo.nn.layer_norm import HaloLayerNorm, HaloRMSNorm, torchvision_layer_norm_twins
+from halo.nn.layer_norm import HaloLayerNorm, HaloRMSNorm
 from halo.nn.same import fold_pads
 from halo.nn import (
     HaloAdaptiveAvgPool2d,
@@ -36,9 +37,10 @@ from halo.nn import (
     HaloMaxPool2d,
 )
 
-__all__ = ["parallelize", "SWAPS", "FAMILIES", "LOCAL_MODULES", "twins", "manual_seed"]
+__all__ = ["parallelize", "SWAPS", "FAMILIES", "default_local_modules", "twins", "manual_seed"]
 
-# Exact type -> halo twin. Subclasses are not swapped silently: they may override forward.
+# Exact torch type -> halo twin (torchvision's and timm's: :func:`twins`). Subclasses are not
+# swapped silently: they may override forward.
 SWAPS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: HaloConv2d,
     nn.Conv1d: HaloConv1d,
@@ -51,7 +53,6 @@ SWAPS: dict[type[nn.Module], type[nn.Module]] = {
     nn.GroupNorm: HaloGroupNorm,
     nn.LayerNorm: HaloLayerNorm,
     nn.RMSNorm: HaloRMSNorm,
-    **torchvision_layer_norm_twins(),
 }
 
 #: Layer families halo treats by type. A module of one of these families (subclasses
@@ -87,14 +88,24 @@ FAMILIES: tuple[type[nn.Module], ...] = (
 )
 
 
+def _loaded(library: str) -> bool:
+    """Whether ``library`` is imported: a model holding its layers exists only if it is, so
+    halo imports torchvision and timm (seconds each) only for models built from them."""
+    return library in sys.modules
+
+
 def twins() -> dict[type[nn.Module], type[nn.Module]]:
-    """Every exact type halo swaps, with its twin: torch's (:data:`SWAPS`) and timm's."""
+    """Every exact type halo swaps, with its twin: torch's (:data:`SWAPS`), and torchvision's and
+    timm's once those libraries are imported."""
     table = dict(SWAPS)
-    try:
+    if _loaded("torchvision"):
+        from halo.nn.torchvision_layers import torchvision_twins
+
+        table.update(torchvision_twins())
+    if _loaded("timm"):
         from halo.nn.timm_layers import timm_twins
-    except ImportError:  # timm not installed: its models cannot be built either
-        return table
-    table.update(timm_twins())
+
+        table.update(timm_twins())
     return table
 
 
@@ -105,46 +116,40 @@ _ATTENTION = ("attention over all tokens (or over windows of them) is not a halo
 def _refused() -> dict[type[nn.Module], str]:
     """Layers refused up front, with the reason (what they compute needs the whole image)."""
     table: dict[type[nn.Module], str] = {nn.MultiheadAttention: _ATTENTION}
-    try:
+    if _loaded("torchvision"):
         from torchvision.models.maxvit import WindowPartition
 
         table[WindowPartition] = "partitions the image into windows for attention; " + _ATTENTION
-    except ImportError:
-        pass
-    try:
-        import timm.layers
-    except ImportError:
+    if not _loaded("timm"):
         return table
+    import timm.layers
+
     table[timm.layers.PatchEmbed] = "patch embedding into tokens, with positions of the global image; " + _ATTENTION
     return table
 
 
-def _local_modules() -> tuple[type[nn.Module], ...]:
+def default_local_modules() -> tuple[type[nn.Module], ...]:
+    """Leaf modules that only act on single pixels, or on replicated features after pooling:
+    torch's, and torchvision's and timm's once those libraries are imported.
+
+    The guard still checks the calls they make at run time (e.g. Linear on a block). Members
+    of a layer family (BatchNorm1d) are local by their exact type only.
+    """
     local: list[type[nn.Module]] = [
         nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
         nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.PReLU, nn.Softplus, nn.Identity,
         nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.Softmax, nn.LogSoftmax,
     ]
-    try:
+    if _loaded("torchvision"):
         from torchvision.ops import FrozenBatchNorm2d, Permute, StochasticDepth
 
         # per sample; a per-channel affine map; a reordering of dims the guard follows
         local += [StochasticDepth, FrozenBatchNorm2d, Permute]
-    except ImportError:  # torchvision is optional for the library itself
-        pass
-    try:
+    if _loaded("timm"):
         from halo.nn.timm_layers import timm_local
 
         local += timm_local
-    except ImportError:
-        pass
     return tuple(local)
-
-
-# Leaf modules that only act on single pixels, or on replicated features after pooling.
-# The guard still checks the calls they make at run time (e.g. Linear on a block). Members
-# of a layer family (BatchNorm1d) are local by their exact type only.
-LOCAL_MODULES: tuple[type[nn.Module], ...] = _local_modules()
 
 
 def _name(kind: type) -> str:
@@ -234,7 +239,7 @@ def parallelize(
     HaloNotSupportedError
         Naming the module path and type of the first layer that cannot be sharded exactly.
     """
-    local = LOCAL_MODULES + tuple(local_modules)
+    local = default_local_modules() + tuple(local_modules)
     table = twins()
     if type(model) in table or isinstance(model, FAMILIES):
         raise HaloNotSupportedError(f"parallelize expects a model, got a bare {type(model).__name__}")

@@ -304,12 +304,13 @@ def _kind(m: nn.Module) -> str | None:
     """How the planner plans ``m``: a modelled kind, ``"measured"`` (a point-wise layer, or the
     functional ops of a container's own forward: autograd's saved tensors on the trace, scaled to
     the block), or None (it cannot plan it)."""
-    from halo.parallelize import FAMILIES, LOCAL_MODULES
+    from halo.parallelize import FAMILIES, default_local_modules
 
     kind = _modelled_types().get(type(m))
     if kind is not None:
         return kind
-    if type(m) in LOCAL_MODULES or (isinstance(m, LOCAL_MODULES) and not isinstance(m, FAMILIES)):
+    local = default_local_modules()
+    if type(m) in local or (isinstance(m, local) and not isinstance(m, FAMILIES)):
         return "measured"
     if isinstance(m, FAMILIES):  # a window or normalisation layer the planner has no model of
         return None

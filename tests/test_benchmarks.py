@@ -46,6 +46,10 @@ def test_quick_mode(script: str) -> None:
                           env={**os.environ, "HALO_BENCH_FORKSERVER": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert SCRIPTS[script] in proc.stdout, proc.stdout[-4000:]
+    if script == "bench_study.py":  # every figure of its table is measured: none may be nan
+        table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+        assert table and not [line for line in table if "nan" in [c.strip() for c in line.split("|")]], (
+            "a figure of the study's table is nan (not measured):\n" + "\n".join(table))
     after = results.read_text() if results.exists() else None
     assert after == before, "--quick must not rewrite RESULTS.md"
 

@@ -39,7 +39,8 @@ def cohort(tmp_path_factory) -> Path:
 
 def _tiny(cohort: Path, epochs: int, *extra: str) -> list[str]:
     return ["data=csv", f"data.csv={cohort}", "data.classes=[normal,tumour]", "data.mpp=1.0",
-            f"train.epochs={epochs}", "train.progress=false", "train.threads=1", *extra]
+            f"train.epochs={epochs}", "train.progress=false", "train.threads=1",
+            "train.heatmaps=false", *extra]  # heatmaps: tests/test_train.py and test_engine.py
 
 
 def _epochs(run_dir: Path) -> list[int]:

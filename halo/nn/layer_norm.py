@@ -9,7 +9,9 @@ forward first checks, on the tensor it gets, that the dims it normalises hold no
 dim (:func:`halo.guard.spatial_dims`; anything goes on a replicated tensor, after global
 pooling), then runs the original forward (whose functional calls the guard checks too).
 
-torchvision and timm are optional: their twins exist where they are installed.
+The twins of torchvision's and timm's classes live with their library's other twins
+(:mod:`halo.nn.torchvision_layers`, :mod:`halo.nn.timm_layers`), imported only once a model
+of that library exists: importing halo imports neither.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ from halo.guard import spatial_dims
 from halo.mesh import SpatialMesh
 from halo.nn.module import adopt
 
-__all__ = ["HaloLayerNorm", "HaloRMSNorm", "check_normalised_dims", "torchvision_layer_norm_twins",
-           "timm_layer_norm_twins"]
+__all__ = ["HaloLayerNorm", "HaloRMSNorm", "check_normalised_dims", "LastDimsNorm", "ChannelsNorm"]
 
 
 def check_normalised_dims(module: nn.Module, x: torch.Tensor, dims: tuple[int, ...]) -> None:
@@ -57,7 +58,7 @@ class _Twin:
         return adopt(cls, module, mesh, name)
 
 
-class _LastDims(_Twin):
+class LastDimsNorm(_Twin):
     """A norm over the input's last ``len(normalized_shape)`` dims, checked first."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -65,7 +66,7 @@ class _LastDims(_Twin):
         return super().forward(x)
 
 
-class _Channels(_Twin):
+class ChannelsNorm(_Twin):
     """A norm over dim 1 of an ``(N, C, H, W)`` input, checked first."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -73,63 +74,9 @@ class _Channels(_Twin):
         return super().forward(x)
 
 
-class HaloLayerNorm(_LastDims, nn.LayerNorm):
+class HaloLayerNorm(LastDimsNorm, nn.LayerNorm):
     """``nn.LayerNorm`` over last dims that hold no spatial dim of the block."""
 
 
-class HaloRMSNorm(_LastDims, nn.RMSNorm):
+class HaloRMSNorm(LastDimsNorm, nn.RMSNorm):
     """``nn.RMSNorm`` over last dims that hold no spatial dim of the block."""
-
-
-def torchvision_layer_norm_twins() -> dict[type[nn.Module], type[nn.Module]]:
-    """torchvision's ``LayerNorm2d`` -> its twin, where torchvision is installed."""
-    return {_TorchvisionLayerNorm2d: HaloTorchvisionLayerNorm2d} if _TorchvisionLayerNorm2d is not None else {}
-
-
-def timm_layer_norm_twins() -> dict[type[nn.Module], type[nn.Module]]:
-    """timm's layer norms -> their twins, where timm is installed."""
-    if _timm is None:
-        return {}
-    return {
-        _timm.LayerNorm: HaloTimmLayerNorm,
-        _timm.LayerNorm2d: HaloTimmLayerNorm2d,
-        _timm.RmsNorm2d: HaloRmsNorm2d,
-        _timm.SimpleNorm2d: HaloSimpleNorm2d,
-        _timm.LayerNormAct: HaloLayerNormAct,
-        _timm.LayerNormAct2d: HaloLayerNormAct2d,
-    }
-
-
-try:
-    from torchvision.models.convnext import LayerNorm2d as _TorchvisionLayerNorm2d
-except ImportError:  # torchvision is optional
-    _TorchvisionLayerNorm2d = None
-else:
-
-    class HaloTorchvisionLayerNorm2d(_Channels, _TorchvisionLayerNorm2d):
-        """torchvision's ConvNeXt ``LayerNorm2d`` (layer norm over channels, per pixel), checked."""
-
-
-try:
-    import timm.layers as _timm
-except ImportError:  # timm is optional
-    _timm = None
-else:
-
-    class HaloTimmLayerNorm(_LastDims, _timm.LayerNorm):
-        """timm's ``LayerNorm`` (its ``fast_norm`` path too), over last dims that hold no spatial dim."""
-
-    class HaloTimmLayerNorm2d(_Channels, _timm.LayerNorm2d):
-        """timm's ``LayerNorm2d`` (layer norm over channels, per pixel), checked."""
-
-    class HaloRmsNorm2d(_Channels, _timm.RmsNorm2d):
-        """timm's ``RmsNorm2d`` (RMS norm over channels, per pixel), checked."""
-
-    class HaloSimpleNorm2d(_Channels, _timm.SimpleNorm2d):
-        """timm's ``SimpleNorm2d`` (variance-only norm over channels, per pixel), checked."""
-
-    class HaloLayerNormAct(_LastDims, _timm.LayerNormAct):
-        """timm's ``LayerNormAct`` (layer norm, drop, act; checked by ``parallelize``), over non-spatial dims."""
-
-    class HaloLayerNormAct2d(_Channels, _timm.LayerNormAct2d):
-        """timm's ``LayerNormAct2d`` (layer norm over channels, drop, act), checked."""

@@ -25,7 +25,7 @@ from torch import nn
 from halo.mesh import SpatialMesh
 from halo.nn._window import halo_op
 from halo.nn.module import adopt
-from halo.nn.layer_norm import timm_layer_norm_twins
+from halo.nn.layer_norm import ChannelsNorm, LastDimsNorm
 from halo.nn.norm import batch_norm_forward
 # twins of timm's SAME-padded, weight-standardised, group-norm and global-pool layers
 from halo.errors import HaloNotSupportedError
@@ -38,6 +38,8 @@ from halo.nn.same import SameAvgPool2dTwin, SameConv2dTwin, SameMaxPool2dTwin, _
 
 __all__ = [
     "HaloBatchNormAct2d", "timm_twins", "timm_local",
+    "HaloTimmLayerNorm", "HaloTimmLayerNorm2d", "HaloRmsNorm2d", "HaloSimpleNorm2d", "HaloLayerNormAct",
+    "HaloLayerNormAct2d",
     "HaloConv2dSame", "HaloMaxPool2dSame", "HaloAvgPool2dSame",
     "HaloStdConv2d", "HaloStdConv2dSame", "HaloScaledStdConv2d", "HaloScaledStdConv2dSame",
     "HaloTimmGroupNorm", "HaloGroupNorm1", "HaloGroupNormAct", "HaloGroupNorm1Act",
@@ -59,12 +61,41 @@ class HaloBatchNormAct2d(timm.layers.BatchNormAct2d):
         return self.act(self.drop(halo_op(batch_norm_forward)(self, x)))
 
 
+class HaloTimmLayerNorm(LastDimsNorm, timm.layers.LayerNorm):
+    """timm's ``LayerNorm`` (its ``fast_norm`` path too), over last dims that hold no spatial dim."""
+
+
+class HaloTimmLayerNorm2d(ChannelsNorm, timm.layers.LayerNorm2d):
+    """timm's ``LayerNorm2d`` (layer norm over channels, per pixel), checked."""
+
+
+class HaloRmsNorm2d(ChannelsNorm, timm.layers.RmsNorm2d):
+    """timm's ``RmsNorm2d`` (RMS norm over channels, per pixel), checked."""
+
+
+class HaloSimpleNorm2d(ChannelsNorm, timm.layers.SimpleNorm2d):
+    """timm's ``SimpleNorm2d`` (variance-only norm over channels, per pixel), checked."""
+
+
+class HaloLayerNormAct(LastDimsNorm, timm.layers.LayerNormAct):
+    """timm's ``LayerNormAct`` (layer norm, drop, act; checked by ``parallelize``), over non-spatial dims."""
+
+
+class HaloLayerNormAct2d(ChannelsNorm, timm.layers.LayerNormAct2d):
+    """timm's ``LayerNormAct2d`` (layer norm over channels, drop, act), checked."""
+
+
 @functools.cache
 def timm_twins() -> dict[type[nn.Module], type[nn.Module]]:
     """Exact timm type -> halo twin (``twin.from_module(module, mesh, path)``)."""
     return {
         timm.layers.BatchNormAct2d: HaloBatchNormAct2d,
-        **timm_layer_norm_twins(),
+        timm.layers.LayerNorm: HaloTimmLayerNorm,
+        timm.layers.LayerNorm2d: HaloTimmLayerNorm2d,
+        timm.layers.RmsNorm2d: HaloRmsNorm2d,
+        timm.layers.SimpleNorm2d: HaloSimpleNorm2d,
+        timm.layers.LayerNormAct: HaloLayerNormAct,
+        timm.layers.LayerNormAct2d: HaloLayerNormAct2d,
         timm.layers.Conv2dSame: HaloConv2dSame,
         MaxPool2dSame: HaloMaxPool2dSame,
         AvgPool2dSame: HaloAvgPool2dSame,

@@ -1,7 +1,7 @@
 """Slide-level metrics, prediction files and heatmaps over the slide.
 
 Metrics come from scikit-learn: ROC AUC (one-vs-rest for more than two classes), balanced
-accuracy, F1 (binary for two classes, macro otherwise) and the confusion matrix. Heatmaps
+accuracy, F1 (binary for two classes, macro otherwise), the confusion matrix and the log loss. Heatmaps
 are matplotlib PNGs: the slide region's thumbnail, the head's map (attention weights or
 class activation) over it, and the ground-truth outline where the data has a mask.
 """
@@ -21,12 +21,13 @@ __all__ = ["slide_metrics", "write_predictions", "region_thumbnail", "save_heatm
 
 
 def slide_metrics(labels: Sequence[int], probs: np.ndarray, num_classes: int) -> dict[str, float]:
-    """AUC, balanced accuracy, F1 and loss-free summaries of slide predictions.
+    """AUC, balanced accuracy, F1, the confusion matrix and the log loss of slide predictions.
 
     ``probs`` is ``(n_slides, num_classes)``. AUC is NaN (with a warning) when the labels
-    hold a single class.
+    hold a single class. ``loss`` is the mean cross-entropy of the probabilities
+    (``sklearn.metrics.log_loss``), which ranks epochs of equal AUC (:func:`halo.train.train`).
     """
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, log_loss, roc_auc_score
 
     y = np.asarray(labels, dtype=int)
     p = np.asarray(probs, dtype=float)
@@ -40,6 +41,10 @@ def slide_metrics(labels: Sequence[int], probs: np.ndarray, num_classes: int) ->
     else:
         out["auc"] = float(roc_auc_score(y, p, multi_class="ovr", labels=list(range(num_classes))))
     out["balanced_accuracy"] = float(balanced_accuracy_score(y, pred)) if len(y) else math.nan
+    # cross-entropy of the predicted probabilities: breaks ties between epochs of equal AUC
+    total = p.sum(1, keepdims=True)  # float32 softmax rows: sum to 1 within rounding only
+    out["loss"] = (float(log_loss(y, p / np.where(total > 0, total, 1), labels=list(range(num_classes))))
+                   if len(y) else math.nan)
     average = "binary" if num_classes == 2 else "macro"
     out["f1"] = float(f1_score(y, pred, average=average, labels=list(range(num_classes)), zero_division=0))
     out["confusion"] = confusion_matrix(y, pred, labels=list(range(num_classes))).tolist()  # type: ignore[assignment]

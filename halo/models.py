@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from collections.abc import Callable
 
 import torch
-import torchvision
 from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["SlideClassifier", "build_trunk", "build_classifier", "tiny_backbone", "HEADS", "total_stride"]
+__all__ = ["SlideClassifier", "build_trunk", "build_classifier", "init_from_checkpoint", "tiny_backbone", "HEADS",
+           "total_stride"]
 
 
 def tiny_backbone(width: int = 16, num_classes: int = 1000) -> nn.Module:
@@ -124,17 +125,22 @@ def build_trunk(model: nn.Module) -> tuple[nn.Sequential, int]:
     if _is_timm(model):
         return _timm_trunk(model)
     channels = _classifier_input(model)
-    if isinstance(model, torchvision.models.ResNet):
+    tv = getattr(sys.modules.get("torchvision"), "models", None)  # not imported: no torchvision model (halo_tiny)
+
+    def kind(name: str) -> bool:
+        return tv is not None and isinstance(model, getattr(tv, name))
+
+    if kind("ResNet"):
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         return nn.Sequential(stem, model.layer1, model.layer2, model.layer3, model.layer4), channels
-    if isinstance(model, torchvision.models.RegNet):
+    if kind("RegNet"):
         return nn.Sequential(model.stem, *model.trunk_output), channels
-    if isinstance(model, torchvision.models.DenseNet):
+    if kind("DenseNet"):
         return nn.Sequential(*model.features, nn.ReLU()), channels
-    if isinstance(model, torchvision.models.ShuffleNetV2):
+    if kind("ShuffleNetV2"):
         return nn.Sequential(nn.Sequential(model.conv1, model.maxpool), model.stage2, model.stage3, model.stage4,
                              model.conv5), channels
-    if isinstance(model, torchvision.models.MNASNet):
+    if kind("MNASNet"):
         return nn.Sequential(*model.layers), channels
     if hasattr(model, "features") and isinstance(model.features, nn.Sequential):
         return nn.Sequential(*model.features), channels
@@ -181,6 +187,7 @@ class SlideClassifier(nn.Module):
         self.head = head
         self.checkpointing = checkpointing
         self.frozen_stages = 0
+        self.initialised_from: str | None = None  # what build_classifier loaded from a halo checkpoint
 
     def freeze(self, stages: int) -> None:
         """Freeze the first ``stages`` trunk stages (0: none, ``len(trunk)``: the whole trunk).
@@ -246,6 +253,8 @@ def _backbone(name: str) -> nn.Module:
         if not timm.is_model(arch):
             raise ValueError(f"unknown model.name={name!r}: {arch!r} is not a timm model (see timm.list_models())")
         return timm.create_model(arch, pretrained=False)  # weights come from model.weights, never a hub
+    import torchvision  # here only: halo_tiny needs none of its 2 s of import
+
     try:
         return torchvision.models.get_model(name, weights=None)
     except ValueError as e:
@@ -263,16 +272,29 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return "fc.", "classifier."
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str], name: str) -> None:
-    """Load a state dict of the full backbone (torchvision or timm keys, unchanged) into ``backbone``.
-
-    The backbone's classifier is replaced by the slide head, so its keys may be missing or
-    of another class count; every trunk key must be there with its shape.
-    """
+def _read_weights(path: str | os.PathLike[str]) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model.weights={path!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _is_halo_checkpoint(state) -> bool:
+    from halo.checkpoint import FORMAT
+
+    return isinstance(state, dict) and state.get("format") == FORMAT
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str], name: str,
+                          state: dict | None = None) -> None:
+    """Load a state dict of the full backbone (torchvision or timm keys, unchanged) into ``backbone``.
+
+    The backbone's classifier is replaced by the slide head, so its keys may be missing or
+    of another class count; every trunk key must be there with its shape. ``state``: the
+    file's contents when already read.
+    """
+    path = os.fspath(path)
+    state = _read_weights(path) if state is None else state
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     head = _classifier_prefixes(backbone)
@@ -290,6 +312,47 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str], nam
         )
 
 
+def init_from_checkpoint(model: SlideClassifier, ckpt: dict, path: str | os.PathLike[str], *, name: str, head: str,
+                         num_classes: int) -> str:
+    """Load a halo checkpoint's ``model_state`` into ``model`` (a warm start); says what was loaded.
+
+    The checkpoint must be of the same backbone (``model.name``) with the same trunk shapes. With
+    the same head, classes and head shapes, trunk and head are loaded; otherwise the trunk only,
+    and the head keeps its fresh initial weights.
+
+    Raises
+    ------
+    ValueError
+        Another backbone, or trunk shapes that differ.
+    """
+    from halo.checkpoint import signature
+
+    path = os.fspath(path)
+    theirs = ckpt.get("signature") or {}
+    if theirs.get("model") != name:
+        raise ValueError(f"model.weights={path!r} is a halo checkpoint of model.name={theirs.get('model')}, but this "
+                         f"run builds model.name={name}: its weights load only into {theirs.get('model')}")
+    state = ckpt["model_state"]
+    ours = signature(model, name=name, head=head, num_classes=num_classes)["shapes"]
+    shapes = {k: list(v.shape) for k, v in state.items()}
+    trunk = [k for k in set(ours) | set(shapes) if k.startswith("trunk.")]
+    wrong = sorted(k for k in trunk if ours.get(k) != shapes.get(k))
+    if wrong:
+        raise ValueError(f"model.weights={path!r} is a halo checkpoint of {name} whose trunk does not fit this one: "
+                         f"parameters differ at {wrong[:5]}")
+    differ = [f"{key} {theirs.get(key)!r} in the checkpoint, {now!r} here"
+              for key, now in (("head", head), ("num_classes", int(num_classes))) if theirs.get(key) != now]
+    head_keys = {k for k in set(ours) | set(shapes) if not k.startswith("trunk.")}
+    if not differ and any(ours.get(k) != shapes.get(k) for k in head_keys):
+        differ.append("head parameter shapes differ (head.options)")
+    if differ:
+        model.load_state_dict({k: v for k, v in state.items() if k.startswith("trunk.")}, strict=False)
+        return (f"the trunk only (the head differs: {'; '.join(differ)}; it starts from fresh weights) from the halo "
+                f"checkpoint {path}")
+    model.load_state_dict(state)
+    return f"trunk and head from the halo checkpoint {path} (epoch {(ckpt.get('state') or {}).get('epoch', '?')})"
+
+
 def build_classifier(
     name: str,
     num_classes: int,
@@ -304,13 +367,24 @@ def build_classifier(
     ``name`` is a torchvision classification model (``resnet50``), a timm model
     (``timm:efficientnet_b0``) or ``halo_tiny[_WIDTH]``. ``weights`` is a path to a state dict
     of the full backbone with its own keys (e.g. ImageNet weights saved with
-    ``torch.save(model.state_dict())``, torchvision's or timm's); nothing is downloaded.
+    ``torch.save(model.state_dict())``, torchvision's or timm's), or a halo checkpoint
+    (``best.pt``, ``last.pt``), whose trunk and head are loaded (:func:`init_from_checkpoint`;
+    ``initialised_from`` of the model says what); nothing is downloaded.
     """
     backbone = _backbone(name)
+    ckpt = None
     if weights:
-        load_backbone_weights(backbone, weights, name)
+        state = _read_weights(weights)
+        if _is_halo_checkpoint(state):
+            ckpt = state
+        else:
+            load_backbone_weights(backbone, weights, name, state)
     trunk, channels = build_trunk(backbone)
     heads = _heads()
     if head not in heads:
         raise ValueError(f"unknown head.name={head!r}; choose one of {sorted(heads)}")
-    return SlideClassifier(trunk, heads[head](channels, num_classes, **(head_options or {})), checkpointing)
+    model = SlideClassifier(trunk, heads[head](channels, num_classes, **(head_options or {})), checkpointing)
+    if ckpt is not None:
+        model.initialised_from = init_from_checkpoint(model, ckpt, weights, name=name, head=head,
+                                                      num_classes=num_classes)
+    return model

@@ -21,6 +21,11 @@ heartbeat) from hung ones (heartbeat, no failure report), logs
 and exits with ``MPI.COMM_WORLD.Abort(1)`` under MPI (else ``mpiexec`` waits in
 ``MPI_Finalize``) or ``os._exit(1)`` elsewhere (no atexit handlers, which could
 block on the broken group).
+
+Bad input (`halo.errors.InputError`, found alike by every rank) is not a failure: rank 0 prints
+its message once, waits briefly for the other ranks to reach it, and every rank exits with status
+2 without a report; a rank that the launcher stops (or whose collective breaks) after rank 0's
+report leaves quietly with status 2 as well.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ _BEAT = "halo/beat/{}"
 _FAILED = "halo/failed/{}"
 _STORE_TIMEOUT = timedelta(seconds=5)
 _REPORTED = "halo/input_reported"
+_INPUT = "halo/input/{}"
+_INPUT_WAIT_S = 10.0
+"""How long rank 0, having printed a bad-input message, waits for the other ranks to reach theirs."""
 INPUT_EXIT_CODE = 2
 """Exit status of every rank when the input is bad (`halo.errors.InputError`): nothing ran."""
 
@@ -234,13 +242,26 @@ def guard(
 
 def _report_once(env: DistEnv, store: Any, exc: InputError) -> None:
     """Rank 0 prints the message; the others wait until it has (a launcher that sees their exit
-    would otherwise terminate rank 0 before it prints), then exit silently."""
+    would otherwise terminate rank 0 before it prints), then exit silently.
+
+    Rank 0 then waits (up to ``_INPUT_WAIT_S``) for the other ranks to reach the same error: a
+    launcher that sees rank 0 leave first terminates the others, which would report that as a
+    crash. A rank stopped anyway after rank 0's report leaves quietly too (:func:`_input_reported`).
+    """
+    if store is not None:
+        try:
+            store.set(_INPUT.format(env.rank), "1")
+        except Exception:  # noqa: BLE001
+            pass
     if env.rank == 0:
         print(str(exc), file=sys.stderr, flush=True)
         if store is not None:
             try:
                 store.set(_REPORTED, "1")
-            except Exception:  # noqa: BLE001
+                others = [_INPUT.format(r) for r in range(1, env.world_size)]
+                if others:
+                    store.wait(others, timedelta(seconds=_INPUT_WAIT_S))
+            except Exception:  # noqa: BLE001 - a rank that never gets there (it is in a collective): leave
                 pass
     elif store is not None:
         try:
@@ -249,11 +270,25 @@ def _report_once(env: DistEnv, store: Any, exc: InputError) -> None:
             pass
 
 
+def _input_reported(store: Any) -> bool:
+    """Whether rank 0 has reported bad input (the job ends with status 2 for that reason)."""
+    try:
+        return bool(store.check([_REPORTED]))
+    except Exception:  # noqa: BLE001 - store gone: cannot tell
+        return False
+
+
 def _fail(
     env: DistEnv, store: Any, exc: BaseException, beat: Heartbeat | None,
     failing: threading.Event, exit_code: int, heartbeat_s: float | None,
 ) -> None:
     failing.set()
+    if store is not None and _input_reported(store):
+        # rank 0 reported bad input and left, and this rank was stopped because of it (the launcher's
+        # SIGTERM, or a collective whose peer left): that message is the job's; leave quietly, like rank 0
+        if beat is not None:
+            beat.stop()
+        exit_job(env, INPUT_EXIT_CODE)
     exc = cause(exc)
     reason = _describe(exc)
     lost: list[str] = []

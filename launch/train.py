@@ -29,7 +29,7 @@ from halo.train import CONF_DIR, check, run
 from launch.env import init_distributed, shutdown, slurm_restarts
 from launch.failure import guard
 
-__all__ = ["main", "start", "resume_if_requeued"]
+__all__ = ["main", "start", "resume_if_requeued", "result_line"]
 
 log = logging.getLogger("halo.train")
 
@@ -48,11 +48,28 @@ def resume_if_requeued(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def result_line(summary: dict[str, Any]) -> dict[str, Any]:
+    """What rank 0 prints as its last line, one JSON object: what the run did.
+
+    Training: ``{"run_dir", "val_auc"}``; prediction: ``{"mode": "predict", "run_dir", "slides",
+    "labelled"}`` and ``"auc"`` when the labelled rows give one.
+    """
+    if summary.get("mode") != "predict":
+        return {"run_dir": summary.get("run_dir"), "val_auc": summary.get("val_auc")}
+    out = {"mode": "predict", "run_dir": summary.get("run_dir"), "slides": summary.get("slides"),
+           "labelled": summary.get("labelled")}
+    auc = (summary.get("metrics") or {}).get("auc")
+    if auc is not None and auc == auc:  # not NaN (one class)
+        out["auc"] = auc
+    return out
+
+
 def start(cfg: DictConfig, run_dir: str | None = None, *,
           requeued: Callable[[], bool] = lambda: False, overrides: list[str] | None = None) -> dict[str, Any]:
     """Check ``cfg``, join the job's process group and run it under the failure guard; the summary.
 
-    ``run_dir`` is Hydra's output directory when None. Rank 0 prints a one-line JSON result.
+    ``run_dir`` is Hydra's output directory when None. Rank 0 prints a one-line JSON result
+    (:func:`result_line`).
     ``requeued`` says whether a ``SystemExit`` during the run is submitit's requeue on
     preemption or time-out (`launch.submit.TrainJob`): the process then leaves with that
     exit code at once (submitit's local executor requeues on it), not as a failure.
@@ -61,7 +78,8 @@ def start(cfg: DictConfig, run_dir: str | None = None, *,
     check(cfg)
     resume_if_requeued(cfg)
     env = init_distributed(backend=cfg.dist.backend, timeout_s=float(cfg.dist.timeout_s))
-    log.info("rank %d of %d (%s), resume=%s", env.rank, env.world_size, env.source, cfg.train.resume)
+    log.info("rank %d of %d (%s), local rank %d, resume=%s", env.rank, env.world_size, env.source, env.local_rank,
+             cfg.train.resume)
     with guard(env):  # a failing rank ends the whole job, naming itself; nothing hangs
         try:
             summary = run(cfg, run_dir, overrides=overrides)
@@ -74,7 +92,7 @@ def start(cfg: DictConfig, run_dir: str | None = None, *,
                 stream.flush()
             os._exit(code & 0xFF)
         if env.rank == 0:
-            print(json.dumps({"run_dir": summary.get("run_dir"), "val_auc": summary.get("val_auc")}), flush=True)
+            print(json.dumps(result_line(summary)), flush=True)
     shutdown()
     return summary
 

@@ -75,8 +75,8 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
 
 def test_manifest_structure_errors(tmp_path: Path) -> None:
     p = tmp_path / "m.csv"
-    p.write_text("path,class\nx.tif,normal\n")
-    with pytest.raises(hd.ManifestError, match="missing column"):
+    p.write_text("image,dx\nx.tif,normal\n")  # (path,class are aliases of slide,label: tests/test_cohort_csv.py)
+    with pytest.raises(hd.ManifestError, match=r"missing column.*data\.columns\.slide"):
         hd.SlideDataset(p, classes=CLASSES)
     with pytest.raises(hd.ManifestError, match="manifest file not found"):
         hd.SlideDataset(tmp_path / "none.csv", classes=CLASSES)
@@ -96,14 +96,15 @@ def test_split_without_rows(cohort: Path, tmp_path: Path) -> None:
         hd.SlideDataset(cohort, classes=CLASSES, split="validation")
 
 
-def test_slide_unreadable_mid_run_is_skipped_and_recorded(cohort: Path, tmp_path: Path) -> None:
+def test_slide_unreadable_mid_run_is_skipped_and_recorded(cohort: Path, tmp_path: Path, caplog) -> None:
     run = tmp_path / "run"
     ds = hd.SlideDataset(cohort, classes=CLASSES, grid=(1, 2), multiple=16, mpp=1.0, record_dir=run)
     assert ds.read_block_safe(0, 0, 1) is not None
     clear_cache()
     (tmp_path / "s3.tif").write_bytes(b"\0" * 100)  # s3 breaks after validation
-    with pytest.warns(RuntimeWarning, match="s3"):
+    with caplog.at_level("WARNING", logger="halo.data"):  # logged (halo.data), not warnings.warn
         assert ds.read_block_safe(3, 0, 0) is None
+    assert [r.getMessage() for r in caplog.records if "skipped" in r.getMessage() and "s3" in r.getMessage()]
     assert ds.read_block_safe(3, 0, 1) is None  # stays skipped, recorded once
     assert ds.read_block_safe(2, 0, 0) is not None  # nothing else is lost
     with open(run / "skipped_slides.csv") as fh:

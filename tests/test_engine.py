@@ -404,7 +404,7 @@ def test_resuming_with_another_schedule_length_is_refused(pool1, tmp_path: Path)
     pool1.run(_run, str(cohort), run_dir, ["train.epochs=1", "train.heatmaps=false"])
     message = pool1.run(_refused, str(cohort), run_dir, ["train.epochs=2", "train.resume=true"])[0]
     assert "onecycle" in message and "train.epochs=1" in message and "train.epochs=2" in message, message
-    assert "train.schedule=constant" in message, message
+    assert "model.weights=" in message and "last.pt" in message, message  # a warm start, which works (test_outcomes)
 
 
 def _predict(csv_path: str, run_dir: str, checkpoint: str, mesh: str, extra: list[str] = ()) -> dict:

@@ -156,6 +156,8 @@ def test_sbatch_template_trains(slurm_cluster: Path, cohort: Path, tmp_path: Pat
     rc, out, _ = run_cmd(cmd, 400, HALO_PYTHON=PY, HALO_RUN_DIR=str(run_dir))
     logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert rc == 0, out + logs
+    for rank in (0, 1):  # an srun step's SLURM variables, as launch.env discovers them
+        assert f"rank {rank} of 2 (slurm), local rank {rank}," in logs, out + logs
     _check_run(run_dir, 1, out + logs)
 
 
@@ -215,6 +217,8 @@ def test_mpiexec_trains(cohort: Path, tmp_path: Path) -> None:
     rc, out, _ = run_cmd([str(mpiexec), "-n", "2", PY, "-m", "halo.train", *_tiny(cohort, 1), "hydra.run.dir=runs/y"],
                         280, cwd=tmp_path)
     assert rc == 0, out
+    for rank in (0, 1):  # mpi4py's COMM_WORLD, as launch.env discovers it
+        assert f"rank {rank} of 2 (mpi), local rank {rank}," in out, out
     _check_run(tmp_path / "runs" / "y", 1, out)
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["y"]
 
@@ -227,7 +231,8 @@ def test_halo_submit_local_two_tasks(cohort: Path, tmp_path: Path) -> None:
     assert rc == 0, out
     job = _job_id(out)
     for rank in (0, 1):
-        assert f"rank {rank} of 2 (submitit)" in (run_dir / "submitit" / job / f"{job}_{rank}_log.out").read_text()
+        log = (run_dir / "submitit" / job / f"{job}_{rank}_log.out").read_text()
+        assert f"rank {rank} of 2 (submitit), local rank {rank}," in log, log
     _check_run(run_dir, 2, out)
 
 

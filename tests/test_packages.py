@@ -88,3 +88,32 @@ def test_run_needs_a_process_group() -> None:
         cfg = compose("config")
     with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
         run(cfg, "/nonexistent/run")
+
+
+@pytest.mark.timeout(120)
+def test_halo_and_a_halo_tiny_run_import_neither_torchvision_nor_timm() -> None:
+    """Every launched rank imports halo: torchvision (with torch._dynamo) and timm cost seconds of
+    start-up each, so they are imported only for models built from them; their layers are still
+    swapped then (tests/test_layout.py: torchvision's and timm's ConvNeXt)."""
+    import subprocess
+    import sys
+
+    code = """
+import os, sys, tempfile
+import torch.distributed as dist
+import halo, halo.train, launch.train, launch.env
+assert not {"torchvision", "timm"} & set(sys.modules), sorted({"torchvision", "timm"} & set(sys.modules))
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:0")
+from halo.models import build_classifier
+model = halo.parallelize(build_classifier("halo_tiny", 2), halo.SpatialMesh(1, 1))
+assert not {"torchvision", "timm"} & set(sys.modules), sorted({"torchvision", "timm"} & set(sys.modules))
+import torchvision
+from halo.parallelize import twins
+from torchvision.models.convnext import LayerNorm2d
+assert LayerNorm2d in twins()  # once torchvision is imported, its layers have their twins
+dist.destroy_process_group()
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr

@@ -92,6 +92,8 @@ def test_two_rank_run_resume_and_predict(cohort: Path, tmp_path: Path) -> None:
     full = tmp_path / "full"
     done = _train(_overrides(cohort, full))
     assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):  # torchrun's environment, as launch.env discovers it
+        assert f"rank {rank} of 2 (torchrun), local rank {rank}," in done.stdout + done.stderr
     for name in ("metrics.csv", "summary.json", "predictions.csv", "checkpoints/last.pt", "checkpoints/best.pt",
                  ".hydra/config.yaml"):
         assert (full / name).is_file(), name

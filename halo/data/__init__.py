@@ -15,7 +15,7 @@ the training resolution (a level's own pixels, or a box filter of them); arrays
 """
 
 from halo.data.augment import IDENTITY, Augment, AugmentSpec, MacenkoNormalizer
-from halo.data.dataset import ManifestError, ManifestRow, SlideDataset, SlideItem, slide_ref
+from halo.data.dataset import SKIPPED_COLUMNS, ManifestError, ManifestRow, SlideDataset, SlideItem, slide_ref
 from halo.data.prefetch import Prefetcher
 from halo.data.region import RegionPlan, block_rect, content_window, plan_region, read_block, read_full, read_rect
 from halo.data.slide import (
@@ -44,6 +44,7 @@ __all__ = [
     "SlideItem",
     "ManifestRow",
     "ManifestError",
+    "SKIPPED_COLUMNS",
     "slide_ref",
     "Prefetcher",
     "Augment",

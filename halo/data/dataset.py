@@ -1,11 +1,20 @@
 """``SlideDataset``: a CSV manifest of slides and labels, validated at start-up.
 
-Columns (header on line 1; rows are numbered by their line in the file):
+Columns (header on line 1; rows are numbered by their line in the file). The delimiter is
+detected from the header line (``,``, ``;``, tab or ``|``; see :attr:`SlideDataset.delimiter`).
+Headers are matched to the columns below ignoring case, surrounding spaces and ``_`` versus
+space, by the names in :data:`ALIASES` (``Patient ID``, ``patient_id`` and ``CASE`` are all
+``patient``; ``Slide Path`` and ``File`` are ``slide``; ``Diagnosis`` and ``Class`` are
+``label``), or named explicitly with ``columns`` (``data.columns.patient="MRN"``). Two headers
+that mean one column, or a ``columns`` entry naming no header, are problems; a header that
+names no column is kept in :attr:`ManifestRow.extra` and listed in
+:attr:`SlideDataset.ignored_columns`.
 
 ``slide`` (required)
     A path, absolute or relative to ``root``, or an id resolved to ``root/<id>.<ext>``.
 ``label`` (required, unless ``labels_required=False``)
-    A class name or a class index. For prediction (``labels_required=False``) the column may be
+    A class name or a class index. Names match ignoring case (``Tumour``, ``NORMAL``) unless two
+    classes differ only by case; then they match exactly. For prediction (``labels_required=False``) the column may be
     absent and an entry empty: the row is unlabelled (label ``-1``); a label outside the classes
     is still a problem.
 ``split``
@@ -36,7 +45,9 @@ still unique, file name of one. The same file listed twice and two rows with one
 problems.
 
 **Derived split.** Without a ``split``, groups (a patient, or a slide where ``patient`` is
-empty) are split into ``train`` and ``val``, stratified by label: each group is counted in the
+empty or absent: then slides of one patient can land on both sides, as
+:attr:`SlideDataset.split_note` says) are split into ``train`` and ``val``, stratified by label:
+each group is counted in the
 class most of its slides have (ties: the lower class index), and of a class's ``n`` groups
 ``round(val_fraction * n)`` go to ``val``, at least one and at most ``n - 1`` when ``n >= 2``,
 none when ``n == 1`` (and none at all with ``val_fraction=0``). Which groups, scikit-learn's
@@ -57,8 +68,11 @@ At start-up every row is checked and every problem reported at once in one
 :class:`ManifestError`, sorted by CSV line, each naming the line and the file: missing or
 duplicate files, duplicate keys, unreadable slides, labels outside the classes, bad ``split``,
 ``mpp`` or ``level`` values, a patient in two splits, resolutions that cannot be decided,
-slides too small for the grid. A slide that becomes unreadable mid-run is skipped with a
-warning and appended to ``<record_dir>/skipped_slides.csv`` (``strict=True`` makes it fatal).
+slides too small for the grid; and two files of one slide (the files of one DICOM series).
+With ``skip_unreadable=True`` missing and unreadable slides are skipped instead (listed in
+:attr:`SlideDataset.unreadable`, recorded; the other problems stay fatal). A slide that becomes
+unreadable mid-run is skipped, logged (logger ``halo.data``) and recorded once in
+``<record_dir>/skipped_slides.csv`` (columns: :data:`SKIPPED_COLUMNS`); ``strict=True`` makes it fatal.
 
 With spatial sharding, a read can fail on one rank of an image and not on the
 others: the training loop should agree across the image's ranks (for example an
@@ -68,12 +82,13 @@ all-reduce of "skip" flags) before using a block.
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
+import logging
 import math
 import os
 import re
 import threading
-import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -84,13 +99,18 @@ import numpy as np
 
 from halo.data.augment import AugmentSpec
 from halo.data.region import RegionPlan, plan_region, read_block
-from halo.data.slide import LevelChoice, Slide, SlideError, SlideResolutionError, open_cached, select_level
+from halo.data.slide import (
+    LevelChoice, Slide, SlideError, SlideOpenError, SlideReadError, SlideResolutionError, open_cached, select_level,
+)
 from halo.data.tissue import TissueOptions
 
 __all__ = [
     "ManifestError", "ManifestRow", "SlideItem", "SlideDataset", "SLIDE_EXTENSIONS", "SPLITS", "COLUMNS",
-    "MPP_PLAUSIBLE", "derive_split", "slide_file_name", "slide_ref",
+    "MPP_PLAUSIBLE", "ALIASES", "SKIPPED_COLUMNS", "derive_split", "skipped_message", "write_skipped",
+    "slide_file_name", "slide_ref",
 ]
+
+log = logging.getLogger("halo.data")
 
 SLIDE_EXTENSIONS: tuple[str, ...] = (
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide", ".dcm", ".czi",
@@ -102,6 +122,35 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 COLUMNS: tuple[str, ...] = ("slide", "label", "split", "patient", "mpp", "level", "mask", "slide_id")
 """The columns the manifest reads (``slide`` and ``label`` required); others go to ``extra``."""
+
+ALIASES: dict[str, tuple[str, ...]] = {
+    "slide": ("slide", "slide path", "slide file", "path", "file"),
+    "label": ("label", "class", "diagnosis"),
+    "split": ("split",),
+    "patient": ("patient", "patient id", "case", "case id", "subject", "subject id"),
+    "mpp": ("mpp",),
+    "level": ("level",),
+    "mask": ("mask",),
+    "slide_id": ("slide id",),
+}
+"""The headers read as each column, compared lower-cased, stripped, ``_`` read as a space and runs
+of spaces as one (so ``Patient_ID`` and `` patient id `` are ``patient id``). Deliberately short:
+a header that could mean something else (``Patient name``, ``MRN``, ``Accession``, ``Image``)
+is not guessed; name it with ``columns``."""
+
+SKIPPED_COLUMNS: dict[str, str] = {
+    "slide": "the slide's key (its CSV entry, or slide_id)",
+    "path": "the file",
+    "csv_line": "its line in the CSV (header = 1)",
+    "split": "its split (train, val, test; empty: none)",
+    "epoch": "the training epoch (1-based) it first failed in; 0: at the start-up check (mode=predict or "
+             "data.skip_unreadable=true); empty: outside a training run",
+    "rank": "the lowest rank it failed on (0 outside torch.distributed)",
+    "reader": "what failed: openslide (opening or reading) or tifffile (decoding its tiles); empty: no reader "
+              "(the file is missing, or a check of the file itself failed)",
+    "error": "why: the error's type and message (the first failure's)",
+}
+"""The columns of ``skipped_slides.csv``: one row per skipped slide, the first failure's."""
 
 MPP_PLAUSIBLE: tuple[float, float] = (0.1, 20.0)
 """Level-0 microns per pixel a scanner can plausibly have; a slide's metadata outside is not trusted."""
@@ -220,6 +269,15 @@ class SlideDataset:
     derive_split:
         Derive a split when the CSV gives none (training). False (prediction): every row keeps
         its own ``split`` entry, None where it is empty, and no split is required.
+    columns:
+        Column name -> CSV header, for headers :data:`ALIASES` does not know
+        (``{"patient": "MRN"}``); a header named here that the CSV lacks is a problem.
+    skip_unreadable:
+        With ``validate``: a missing or unreadable slide is skipped (left out of :attr:`rows`,
+        listed in :attr:`unreadable`, recorded) instead of a problem, unless every slide is.
+    report:
+        Log and record (``record_dir``) each skipped slide here (default). False: the caller
+        reports :attr:`skipped` (as ``halo.train`` does, once across ranks).
 
     Attributes
     ----------
@@ -229,6 +287,18 @@ class SlideDataset:
         The rows of ``split``.
     derived_split:
         True when the CSV gives no split and this dataset derived one.
+    split_note:
+        What the derived split is (patient- or slide-level), for the log; "" when not derived.
+    columns:
+        Column name -> the CSV header read as it.
+    ignored_columns:
+        Headers read as no column (kept in :attr:`ManifestRow.extra`).
+    delimiter:
+        The CSV's delimiter, detected from its header line.
+    unreadable:
+        CSV line -> ``(reason, reader)`` of each slide skipped by ``skip_unreadable``.
+    skipped:
+        Path -> record (:data:`SKIPPED_COLUMNS`) of each slide skipped so far.
 
     Raises
     ------
@@ -260,6 +330,9 @@ class SlideDataset:
         validate: bool = True,
         labels_required: bool = True,
         derive_split: bool = True,
+        columns: dict[str, str] | None = None,
+        skip_unreadable: bool = False,
+        report: bool = True,
     ) -> None:
         self.csv_path = os.fspath(csv_path)
         self.classes = [str(c) for c in classes]
@@ -274,6 +347,16 @@ class SlideDataset:
         self.split, self.strict = split, bool(strict)
         self.val_fraction, self.seed = float(val_fraction), int(seed)
         self.labels_required, self.derive = bool(labels_required), bool(derive_split)
+        self.column_map = {str(k): str(v) for k, v in (columns or {}).items()}
+        unknown = sorted(set(self.column_map) - set(COLUMNS))
+        if unknown:
+            raise ValueError(f"data.columns: {unknown} name no column halo reads; the columns are {list(COLUMNS)}")
+        self.skip_unreadable, self.report = bool(skip_unreadable), bool(report)
+        self.columns: dict[str, str] = {}
+        self.ignored_columns: list[str] = []
+        self.delimiter = ","
+        self.unreadable: dict[int, tuple[str, str]] = {}
+        self.split_note = ""
         self.root = Path(os.path.abspath(root)) if root is not None else Path(self.csv_path).resolve().parent
         self.record_dir = Path(record_dir) if record_dir is not None else None
         self._plan_kw: dict[str, Any] = {"tissue": tissue, "rot90": rot90, "stain_normalize": stain_normalize,
@@ -281,12 +364,14 @@ class SlideDataset:
         self._plans: dict[int, RegionPlan] = {}
         self.choices: dict[int, LevelChoice] = {}  # CSV line -> resolution chosen, filled by validate()
         self._lock = threading.Lock()
-        self.skipped: dict[str, str] = {}
+        self.skipped: dict[str, dict[str, Any]] = {}
         self.derived_split = False
         self.all_rows, self._parse_problems = self._parse()
         self.rows = [r for r in self.all_rows if split is None or r.split == split]
         if validate:
             self.validate()
+            if self.unreadable:
+                self.exclude(self.unreadable)
         elif self._parse_problems:
             raise ManifestError(self.csv_path, [p for _, p in sorted(self._parse_problems, key=lambda lp: lp[0])])
 
@@ -297,13 +382,27 @@ class SlideDataset:
         pend: list[dict[str, Any]] = []
         problems: list[tuple[int, str]] = []
         with open(self.csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            cols = [c.strip() for c in (reader.fieldnames or [])]
-            missing = [c for c in ("slide", "label") if c not in cols and (c == "slide" or self.labels_required)]
+            self.delimiter = _delimiter(fh.readline())
+            fh.seek(0)
+            reader = csv.reader(fh, delimiter=self.delimiter)
+            headers = [c.strip() for c in next(reader, [])]
+            self.columns, self.ignored_columns, structural = self._match_columns(headers)
+            missing = [c for c in ("slide", "label") if c not in self.columns and c not in self.column_map
+                       and (c == "slide" or self.labels_required)]  # a data.columns entry missing: reported
             if missing:
-                raise ManifestError(self.csv_path, [f"line 1: missing column(s) {missing}; found {cols}"])
-            for raw in reader:
-                rec = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+                hint = "; ".join(f"{c} is read from a header {_alias_list(c)}, or name yours with data.columns.{c}="
+                                 f"<header>" for c in missing)
+                structural.append(f"line 1: missing column(s) {missing}; found {headers} ({hint})")
+            if structural:
+                raise ManifestError(self.csv_path, structural)
+            index = {field: headers.index(h) for field, h in self.columns.items()}
+            keep = [(h, i) for i, h in enumerate(headers) if h in self.ignored_columns]
+            for values in reader:
+                if not any(v.strip() for v in values):
+                    continue  # a blank line (as DictReader skips it)
+                values = [v.strip() for v in values]
+                cell = (lambda i: values[i] if i < len(values) else "")
+                rec = {field: cell(i) for field, i in index.items()}
                 line = reader.line_num
                 entry = rec.get("slide", "")
                 if not entry:
@@ -313,7 +412,8 @@ class SlideDataset:
                 where = _PENDING  # slide_ref(line, key, path) once the keys are known (below)
                 label = -1 if not self.labels_required and not rec.get("label") else self._label(rec.get("label", ""))
                 if label is None:
-                    problems.append((line, f"{where}: label {rec.get('label', '')!r} is not one of {self.classes}"))
+                    problems.append((line, f"{where}: label {rec.get('label', '')!r} is not one of {self.classes}"
+                                           f"{self._did_you_mean(rec.get('label', ''))}"))
                     label = -1
                 split = rec.get("split", "").lower() or None
                 if split is not None and split not in SPLITS:
@@ -330,7 +430,7 @@ class SlideDataset:
                     "line": line, "entry": entry, "path": path, "label": label, "split": split,
                     "patient": rec.get("patient") or None, "mpp": mpp, "level": level,
                     "mask": os.fspath(self.root / mask) if mask else None, "explicit": rec.get("slide_id") or None,
-                    "extra": {k: v for k, v in rec.items() if k not in COLUMNS},
+                    "extra": {h: cell(i) for h, i in keep},
                 })
         if not pend and not problems:
             problems.append((1, "line 1: no slides listed"))
@@ -342,6 +442,32 @@ class SlideDataset:
                             split=p["split"] if p["split"] in SPLITS else None, patient=p["patient"],
                             mpp=p["mpp"], level=p["level"], mask=p["mask"], extra=p["extra"]) for p in pend]
         return rows, problems
+
+    def _match_columns(self, headers: list[str]) -> tuple[dict[str, str], list[str], list[str]]:
+        """``(column -> header, ignored headers, problems)``: ``columns`` first, then :data:`ALIASES`."""
+        found: dict[str, str] = {}
+        problems: list[str] = []
+        for field, want in self.column_map.items():
+            exact = [h for h in headers if h == want.strip()]
+            loose = [h for h in headers if _norm(h) == _norm(want)]
+            hit = exact or (loose if len(loose) == 1 else [])
+            if hit:
+                found[field] = hit[0]
+            else:
+                problems.append(f"line 1: data.columns.{field}={want!r} names no column of the CSV; found {headers}")
+        claimed = set(found.values())
+        for field in COLUMNS:
+            if field in self.column_map:
+                continue
+            hits = [h for h in headers if h and h not in claimed and _norm(h) in ALIASES[field]]
+            if len(hits) > 1:
+                problems.append(f"line 1: columns {' and '.join(repr(h) for h in hits)} both mean {field!r}; keep one, "
+                                f"or choose one with data.columns.{field}=<header>")
+            elif hits:
+                found[field] = hits[0]
+                claimed.add(hits[0])
+        ignored = [h for h in headers if h and h not in claimed]
+        return found, ignored, problems
 
     def _keys(self, pend: list[dict[str, Any]]) -> list[tuple[int, str]]:
         """Give every pending row its key; report files listed twice and keys used twice."""
@@ -390,6 +516,17 @@ class SlideDataset:
             return problems
         if not any(p["split"] for p in pend):
             self.derived_split = True
+            alone = sum(not p["patient"] for p in pend)
+            if "patient" not in self.columns:
+                self.split_note = (
+                    "a slide-level stratified split, as the CSV has no patient column: slides of one patient can "
+                    "land in both train and val; add a patient column (headers read as one: "
+                    f"{', '.join(ALIASES['patient'])}) or name yours with data.columns.patient=<header>")
+            elif alone:
+                self.split_note = (f"a patient-level stratified split ({alone} slide(s) with an empty patient entry "
+                                   f"are each a group of their own)")
+            else:
+                self.split_note = "a patient-level stratified split"
             groups = [f"patient {p['patient']}" if p["patient"] else f"row {p['line']}" for p in pend]
             derived = derive_split([p["label"] for p in pend], groups, self.val_fraction, self.seed)
             for p, s in zip(pend, derived):
@@ -425,11 +562,20 @@ class SlideDataset:
     def _label(self, text: str) -> int | None:
         if text in self.classes:
             return self.classes.index(text)
+        folded = [i for i, c in enumerate(self.classes) if c.casefold() == text.casefold()]
+        if len(folded) == 1:
+            return folded[0]
         try:
             i = int(text)
         except ValueError:
             return None
         return i if 0 <= i < len(self.classes) else None
+
+    def _did_you_mean(self, text: str) -> str:
+        """``"; did you mean 'tumour'?"`` for a label close to a class (difflib), else ""."""
+        folded = {c.casefold(): c for c in self.classes}
+        close = difflib.get_close_matches(text.casefold(), list(folded), n=1, cutoff=0.6)
+        return f"; did you mean {folded[close[0]]!r}?" if close else ""
 
     def _choose(self, r: ManifestRow, slide: Slide) -> tuple[LevelChoice, dict[str, Any]]:
         """Row ``r``'s level choice, and the ``mpp``/``level`` that make :func:`plan_region` plan it.
@@ -480,14 +626,25 @@ class SlideDataset:
             empty ``train`` split when ``split='train'``.
         """
         problems: list[tuple[int, str]] = list(self._parse_problems)
+        unreadable: list[tuple[int, str, str]] = []  # (line, problem, reader)
+        series: dict[str, ManifestRow] = {}  # DICOM SeriesInstanceUID -> the first row of that slide
         rows, cols = self.grid
         for r in self.all_rows:
             where = slide_ref(r.line, r.slide_id, r.path)
             if not os.path.exists(r.path):
-                problems.append((r.line, f"{where}: file not found"))
+                unreadable.append((r.line, "file not found", ""))
                 continue
             try:
                 with Slide(r.path) as s:
+                    uid = s.properties.get("dicom.SeriesInstanceUID") if s.format == "dicom" else None
+                    if uid and uid in series:
+                        first = series[uid]
+                        problems.append((r.line, f"{where}: the same slide as line {first.line} ({first.path}): "
+                                                 f"the files of one DICOM slide (SeriesInstanceUID {uid}); list "
+                                                 f"each slide once, by any one of its files"))
+                        continue
+                    if uid:
+                        series[uid] = r
                     ch, _ = self._choose(r, s)
                     self.choices[r.line] = ch
                     s.verify(ch.level)  # tile offsets against the file size; one tile decoded
@@ -499,14 +656,36 @@ class SlideDataset:
                             f"with multiple {self.multiple} needs at least {rows * self.multiple} x "
                             f"{cols * self.multiple} (H x W)"
                         ))
+            except (SlideOpenError, SlideReadError) as exc:
+                unreadable.append((r.line, _reason(exc), getattr(exc, "reader", None) or ""))
             except SlideError as exc:
                 problems.append((r.line, f"{where}: {_reason(exc)}"))
-        if self.split == "train" and not self.rows:
+        refs = {r.line: slide_ref(r.line, r.slide_id, r.path) for r in self.all_rows}
+        if self.skip_unreadable and len(unreadable) < len(self.all_rows):
+            self.unreadable = {line: (why, reader) for line, why, reader in unreadable}
+        else:
+            problems += [(line, f"{refs[line]}: {why}") for line, why, _ in unreadable]
+        kept = [r for r in self.rows if r.line not in self.unreadable]
+        if self.split == "train" and not kept:
             problems.append((1 << 30, "no rows with split='train'"
                                       + (" (derived)" if self.derived_split else "")))
         if problems:
             problems.sort(key=lambda lp: lp[0])  # stable: by CSV line, then check order
-            raise ManifestError(self.csv_path, [p for _, p in problems])
+            err = ManifestError(self.csv_path, [p for _, p in problems])
+            err.unreadable = [line for line, _, _ in unreadable]  # type: ignore[attr-defined]
+            raise err
+
+    def exclude(self, unreadable: dict[int, tuple[str, str]]) -> None:
+        """Leave the rows of these CSV lines (``line -> (reason, reader)``, :attr:`unreadable` of a
+        validated dataset) out of :attr:`rows`, as skipped at the start-up check (epoch 0): they are
+        logged and recorded here unless ``report=False``."""
+        self.unreadable = dict(unreadable)
+        gone = [r for r in self.rows if r.line in self.unreadable]
+        self.rows = [r for r in self.rows if r.line not in self.unreadable]
+        self._plans.clear()
+        for r in gone:
+            why, reader = self.unreadable[r.line]
+            self._skip(r, why, reader, epoch=0)
 
     def resolution_warnings(self, tolerance: float = 0.1) -> list[str]:
         """Slides that :meth:`validate` found read at a resolution unlike the rest of the cohort.
@@ -613,7 +792,8 @@ class SlideDataset:
             return None
 
     def mark_failed(self, i: int, exc: BaseException) -> None:
-        """Skip slide ``i`` from now on: warn and append it to ``record_dir/skipped_slides.csv``.
+        """Skip slide ``i`` from now on: log it once and record it in ``record_dir/skipped_slides.csv``
+        (one row per slide, :data:`SKIPPED_COLUMNS`; with ``report=False`` the caller does both).
 
         Raises
         ------
@@ -629,25 +809,57 @@ class SlideDataset:
             err = SlideError(r.path, reason)
             err.where, err.args = where, (f"{where}: {reason}",)
             raise err from exc
+        self._skip(r, reason, getattr(exc, "reader", None) or "", epoch=None)
+
+    def _skip(self, r: ManifestRow, reason: str, reader: str, epoch: int | None) -> None:
+        """Record row ``r`` as skipped (once); log and write it unless ``report=False``."""
+        rec = {"slide": r.slide_id, "path": r.path, "csv_line": r.line, "split": r.split or "",
+               "epoch": "" if epoch is None else epoch, "rank": _rank(), "reader": reader, "error": reason}
         with self._lock:
-            first = r.path not in self.skipped
-            self.skipped[r.path] = reason
-        if not first:
+            if r.path in self.skipped:
+                return
+            self.skipped[r.path] = rec
+        if not self.report:
             return
-        warnings.warn(f"{where} of {self.csv_path}: skipped: {reason}", RuntimeWarning, stacklevel=2)
+        log.warning("%s", skipped_message(rec, self.csv_path))
         if self.record_dir is not None:
-            self.record_dir.mkdir(parents=True, exist_ok=True)
-            out = self.record_dir / "skipped_slides.csv"
-            new = not out.exists()
-            with open(out, "a", newline="") as fh:
-                wr = csv.writer(fh)
-                if new:
-                    wr.writerow(["slide", "path", "csv_line", "pid", "error"])
-                wr.writerow([r.slide_id, r.path, r.line, os.getpid(), reason])
+            write_skipped(self.record_dir, [rec])
 
     def __repr__(self) -> str:
         return (f"SlideDataset({self.csv_path!r}, {len(self)} slides, classes={self.classes}, "
                 f"grid={self.grid}, split={self.split!r})")
+
+
+def skipped_message(rec: dict[str, Any], csv_path: str | os.PathLike[str] | None = None) -> str:
+    """How a skipped slide (a :data:`SKIPPED_COLUMNS` record) is logged: its CSV line, key and
+    path, the reader that failed, and why."""
+    where = slide_ref(int(rec["csv_line"]), str(rec["slide"]), str(rec["path"]))
+    of = f" of {os.fspath(csv_path)}" if csv_path is not None else ""
+    by = f", {rec['reader']} failed" if rec.get("reader") else ""
+    when = f" (epoch {rec['epoch']})" if rec.get("epoch") not in ("", None, 0) else ""
+    return f"{where}{of}: skipped{when}{by}: {rec['error']}"
+
+
+def write_skipped(record_dir: str | os.PathLike[str], records: list[dict[str, Any]]) -> None:
+    """Append ``records`` (:data:`SKIPPED_COLUMNS`) to ``record_dir/skipped_slides.csv``."""
+    out = Path(record_dir) / "skipped_slides.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = not out.exists()
+    with open(out, "a", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=list(SKIPPED_COLUMNS))
+        if new:
+            wr.writeheader()
+        wr.writerows(records)
+
+
+def _rank() -> int:
+    """This process's torch.distributed rank (0 outside a process group)."""
+    try:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    except ImportError:
+        return 0
 
 
 def derive_split(labels: Sequence[int], groups: Sequence[str], val_fraction: float, seed: int) -> list[str]:
@@ -764,3 +976,21 @@ def _reason(exc: BaseException) -> str:
     if path and msg.startswith(f"{path}: "):
         msg = msg[len(path) + 2:]
     return f"{type(exc).__name__}: {msg}"
+
+
+def _norm(header: str) -> str:
+    """A header as :data:`ALIASES` compares it: lower-cased, ``_`` as space, spaces collapsed."""
+    return " ".join(header.strip().lower().replace("_", " ").split())
+
+
+def _alias_list(field: str) -> str:
+    return "(" + ", ".join(repr(a) for a in ALIASES[field]) + ", in any case)"
+
+
+def _delimiter(header_line: str) -> str:
+    """The delimiter of a CSV from its header line: ``,``, ``;``, tab or ``|`` (csv.Sniffer); ``,``
+    when it cannot tell (a one-column header)."""
+    try:
+        return csv.Sniffer().sniff(header_line, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return ","

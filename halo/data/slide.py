@@ -44,6 +44,8 @@ raises :class:`SlideDamagedError` on opening or from :meth:`Slide.verify`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import struct
@@ -87,7 +89,12 @@ class SlideError(Exception):
     ----------
     path:
         The slide's path.
+    reader:
+        Which reader failed: ``"openslide"`` (opening, or its reads) or ``"tifffile"`` (decoding
+        tiles); None when no reader was involved (a missing file, a check of the file itself).
     """
+
+    reader: str | None = None
 
     def __init__(self, path: str | os.PathLike[str], message: str) -> None:
         self.path = os.fspath(path)
@@ -105,6 +112,35 @@ class SlideError(Exception):
             self.where = where
             self.args = (f"{where}: {type(self).__name__}: {msg}",)
         return self
+
+
+def _by(reader: str, err: SlideError) -> SlideError:
+    """``err`` with :attr:`SlideError.reader` set."""
+    err.reader = reader
+    return err
+
+
+_QUIET = threading.local()
+
+
+class _QuietTifffile(logging.Filter):
+    """Drops tifffile's own log lines while halo reads a file (:func:`_quiet_tifffile`): halo
+    reports what went wrong itself, once, naming the slide; elsewhere tifffile logs as usual."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_QUIET, "depth", 0)
+
+
+logging.getLogger("tifffile").addFilter(_QuietTifffile())
+
+
+@contextlib.contextmanager
+def _quiet_tifffile():
+    _QUIET.depth = getattr(_QUIET, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _QUIET.depth -= 1
 
 
 class SlideOpenError(SlideError, OSError):
@@ -352,19 +388,21 @@ class Slide:
         try:
             fmt = openslide.OpenSlide.detect_format(self.path)
         except Exception as exc:  # noqa: BLE001 - any OpenSlide failure names the file
-            raise SlideOpenError(self.path, f"cannot detect format: {exc}") from exc
+            raise _by("openslide", SlideOpenError(self.path, f"cannot detect format: {exc}")) from exc
         if fmt is None:
-            why = _tiff_damage(self.path) if os.path.isfile(self.path) else None
+            with _quiet_tifffile():
+                why = _tiff_damage(self.path) if os.path.isfile(self.path) else None
             if why is not None:
                 raise SlideDamagedError(self.path, why)
-            raise SlideOpenError(self.path, "not a slide format OpenSlide reads")
+            raise _by("openslide", SlideOpenError(self.path, "not a slide format OpenSlide reads"))
         try:
             self._osr = openslide.OpenSlide(self.path)
         except Exception as exc:  # noqa: BLE001
-            why = _tiff_damage(self.path) if os.path.isfile(self.path) else None
+            with _quiet_tifffile():
+                why = _tiff_damage(self.path) if os.path.isfile(self.path) else None
             if why is not None:
-                raise SlideDamagedError(self.path, f"{why} (OpenSlide: {exc})") from exc
-            raise SlideOpenError(self.path, f"OpenSlide cannot open it ({fmt}): {exc}") from exc
+                raise _by("openslide", SlideDamagedError(self.path, f"{why} (OpenSlide: {exc})")) from exc
+            raise _by("openslide", SlideOpenError(self.path, f"OpenSlide cannot open it ({fmt}): {exc}")) from exc
         self.format: str = fmt
         self.vendor: str = str(self._osr.properties.get("openslide.vendor", fmt))
         self.failed = False
@@ -375,7 +413,8 @@ class Slide:
         self.reader: str = "openslide"
         self.reader_note: str = "forced" if reader == "openslide" else f"format {fmt} is read by OpenSlide"
         if reader is None and fmt in _TIFFFILE_FORMATS:
-            self._try_tifffile()
+            with _quiet_tifffile():
+                self._try_tifffile()
 
     def _try_tifffile(self) -> None:
         """Use tifffile when every level maps to a page it decodes as OpenSlide does."""
@@ -499,7 +538,8 @@ class Slide:
             rgba = np.asarray(img)
         except Exception as exc:  # noqa: BLE001 - OpenSlideError and ctypes failures
             self.failed = True
-            raise SlideReadError(self.path, level, (x, y), (w, h), str(exc) or type(exc).__name__) from exc
+            raise _by("openslide", SlideReadError(self.path, level, (x, y), (w, h),
+                                                  f"OpenSlide: {str(exc) or type(exc).__name__}")) from exc
         return composite_white(rgba, background)
 
     def tile_rows(self, level: int) -> int | None:
@@ -559,11 +599,13 @@ class Slide:
         if x1 <= x0 or y1 <= y0:
             return out
         try:
-            self._read_tiles(level, x0, y0, x1, y1, out[y0 - y : y1 - y, x0 - x : x1 - x])
+            with _quiet_tifffile():
+                self._read_tiles(level, x0, y0, x1, y1, out[y0 - y : y1 - y, x0 - x : x1 - x])
         except Exception as exc:  # noqa: BLE001 - decoder and I/O failures of any kind
             self.failed = True
-            raise SlideReadError(self.path, level, (x, y), (w, h), f"{type(exc).__name__}: {exc}",
-                                 frame=f"level {level}") from exc
+            raise _by("tifffile", SlideReadError(self.path, level, (x, y), (w, h),
+                                                 f"tifffile: {type(exc).__name__}: {exc}",
+                                                 frame=f"level {level}")) from exc
         return out
 
     def _read_tiles(self, level: int, x0: int, y0: int, x1: int, y1: int, dst: np.ndarray) -> None:
@@ -687,8 +729,9 @@ class Slide:
                     import tifffile
 
                     try:
-                        tf = tifffile.TiffFile(self.path)
-                        pages = _map_pages(tf, self._dims)
+                        with _quiet_tifffile():
+                            tf = tifffile.TiffFile(self.path)
+                            pages = _map_pages(tf, self._dims)
                     except Exception:  # noqa: BLE001 - OpenSlide reads it; check by reading below
                         pages = [None] * len(self._dims)
                 for lv in levels:

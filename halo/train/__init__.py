@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from halo.train.config import check  # also registers the typed schema (halo_schema) with Hydra
 
-__all__ = ["run", "train", "predict", "check", "run_id", "CONF_DIR"]
+__all__ = ["run", "train", "predict", "better", "layout", "check", "run_id", "CONF_DIR"]
 
 log = logging.getLogger("halo.train")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -94,6 +94,13 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None, *,
 def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Train on the cohort's ``train`` rows, choose ``best.pt`` on ``val``, predict ``test``; collective.
 
+    ``best.pt`` is the epoch of the highest validation AUC; among epochs of equal AUC (a few
+    validation slides often give 1.0 in every epoch), the lowest validation loss (the
+    cross-entropy of the predicted probabilities), then the later epoch (:func:`better`). Without
+    validation slides, or with an undefined AUC (one class), it is the last epoch. The summary's
+    ``final`` holds the validation metrics of those weights, the epoch ``final_epoch``
+    (= ``best_epoch``), not the last epoch's.
+
     Needs an initialised process group (world 1 works); returns the summary it writes.
     """
     import math
@@ -108,6 +115,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     from halo.train.rundir import write_metrics, write_rows, write_summary
 
     job = start(cfg, run_dir)
+    if job.is_main:
+        log.info("%s", layout(job))
     t, source = cfg.train, SlideSource(job)
     train_ds = source.dataset("train", validate=True)
     val_ds = source.dataset("val", validate=False)
@@ -115,9 +124,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if len(train_ds) == 0:
         raise InputError(f"halo-train: no slides with split 'train' in {train_ds.csv_path}")
     if train_ds.derived_split and job.is_main:
-        log.info("%s has no split column: a patient-level stratified split (data.val_fraction=%g, "
-                 "data.split_seed=%d) gives %d train and %d val slides", train_ds.csv_path, cfg.data.val_fraction,
-                 cfg.data.split_seed, len(train_ds), len(val_ds))
+        log.info("%s has no split column: %s (data.val_fraction=%g, data.split_seed=%d) gives %d train and %d "
+                 "val slides", train_ds.csv_path, train_ds.split_note or "a stratified split",
+                 cfg.data.val_fraction, cfg.data.split_seed, len(train_ds), len(val_ds))
     if len(val_ds) == 0 and job.is_main:
         log.warning("no validation slides in %s (no rows with split 'val'): no AUC is measured, and "
                     "checkpoints/best.pt is the last epoch's weights", train_ds.csv_path)
@@ -125,35 +134,40 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     opt, sched = loop.optimizer(job, math.ceil(steps_per_epoch / max(1, t.accumulate)))
     weights = (torch.as_tensor(train_ds.class_weights(), dtype=torch.float32, device=job.device)
                if t.class_weights else None)
-    state = {"epoch": 0, "best_auc": -math.inf, "best_epoch": -1, "slides_seen": 0, "history": []}
+    state = {"epoch": 0, "best_auc": -math.inf, "best_loss": math.inf, "best_epoch": -1, "slides_seen": 0,
+             "history": []}
     ckpts = job.run_dir / "checkpoints"
     if t.resume and (ckpts / "last.pt").is_file():
         state = checkpoint.restore(job, ckpts / "last.pt", opt, sched)
+        state.setdefault("best_loss", math.inf)  # a checkpoint from before validation losses were kept
         if state["epoch"] >= t.epochs and (job.run_dir / "summary.json").is_file():
             if job.is_main:  # nothing to do: leave every file of the finished run as it is
-                log.info("%s finished all %d epochs already: nothing to resume (raise train.epochs with "
-                         "train.schedule=constant to train on)", job.run_dir, t.epochs)
+                log.info("%s finished all %d epochs already: nothing to resume; %s", job.run_dir, t.epochs,
+                         checkpoint.train_on_advice(job, ckpts / "last.pt", t.schedule, state["epoch"]))
             _barrier()
             return json.loads((job.run_dir / "summary.json").read_text())
     elif t.resume and job.is_main:  # once, not once per rank
         log.warning("train.resume=true but %s does not exist: starting from scratch", ckpts / "last.pt")
     ddp = None
+    last = None  # (epoch, metrics, rows) of the last epoch trained here
     for epoch in range(state["epoch"], t.epochs):
         ddp = loop.trunk_mode(job, epoch, ddp)
         started = time.time()
+        source.epoch = epoch + 1  # skipped_slides.csv's epoch
         loss, seen = loop.train_epoch(job, source, ddp, opt, sched, train_ds, epoch, weights)
         trained_s = time.time() - started
         state["slides_seen"] += seen
         metrics, rows = evaluate(job, source, val_ds, heatmaps=False)
+        epoch_s = time.time() - started
         state["history"].append({
             "epoch": epoch + 1, "train_loss": loss, **{f"val_{k}": v for k, v in metrics.items() if k != "confusion"},
             "lr": sched.get_last_lr()[0], "slides_seen": state["slides_seen"],
-            "seconds": round(time.time() - started, 2), "train_seconds": round(trained_s, 2)})
-        auc = metrics.get("auc", math.nan)
-        # no val, or a val set whose AUC is undefined (one class): the last epoch is the best
-        improved = len(val_ds) == 0 or math.isnan(auc) or auc > state["best_auc"]
+            "seconds": round(epoch_s, 2), "train_seconds": round(trained_s, 2)})
+        auc, val_loss = metrics.get("auc", math.nan), metrics.get("loss", math.nan)
+        improved = len(val_ds) == 0 or better(auc, val_loss, state["best_auc"], state["best_loss"])
         if improved:
-            state["best_auc"], state["best_epoch"] = auc, epoch + 1
+            state["best_auc"], state["best_loss"], state["best_epoch"] = auc, val_loss, epoch + 1
+        last = (epoch + 1, metrics, rows)
         state["epoch"] = epoch + 1
         # best.pt before last.pt: a job stopped in between resumes from the previous last.pt
         # and redoes this epoch; a last.pt that names a best epoch always has its best.pt
@@ -163,20 +177,26 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         if job.is_main:
             write_metrics(job.run_dir, state["history"])
             write_rows(job.run_dir, "predictions.csv", rows, job.classes)
-            log.info("epoch %d: %d slides in %.1f s (%.2f slides/s), train loss %.4f, val auc %.3f, "
-                     "balanced acc %.3f", epoch + 1, seen, trained_s, seen / max(trained_s, 1e-9), loss,
-                     auc, metrics.get("balanced_accuracy", math.nan))
+            log.info("epoch %d: %d slides, train %.1f s (%.2f slides/s), validation %.1f s, train loss %.4f, "
+                     "val auc %.3f, val loss %.4f, balanced acc %.3f%s", epoch + 1, seen, trained_s,
+                     seen / max(trained_s, 1e-9), epoch_s - trained_s, loss, auc, val_loss,
+                     metrics.get("balanced_accuracy", math.nan), " (best so far)" if improved else "")
     # the end: the best weights predict validation (with heatmaps) and the held-out test rows
-    if (ckpts / "best.pt").is_file():
-        checkpoint.load_model(job, ckpts / "best.pt")
-    metrics, rows = evaluate(job, source, val_ds, heatmaps=t.heatmaps)
+    if last is not None and last[0] == state["best_epoch"] and not (t.heatmaps and len(val_ds)):
+        metrics, rows = last[1], last[2]  # the model is best.pt: its validation rows are this epoch's
+    else:
+        if (ckpts / "best.pt").is_file():
+            checkpoint.load_model(job, ckpts / "best.pt")
+        metrics, rows = evaluate(job, source, val_ds, heatmaps=t.heatmaps)
     test = evaluate(job, source, test_ds, heatmaps=t.heatmaps) if len(test_ds) else None
     source.write_records()
     best_auc = state["best_auc"]
     summary: dict[str, Any] = {
         "val_auc": best_auc if state["best_epoch"] > 0 and not math.isnan(best_auc) else None,
         "best_epoch": state["best_epoch"], "slides_seen": state["slides_seen"], "epochs": state["epoch"],
-        "final": dict(metrics), "world_size": _world(), "mesh": [job.mesh.rows, job.mesh.cols],
+        # the validation metrics of best.pt's weights (epoch final_epoch), not of the last epoch
+        "final": dict(metrics), "final_epoch": state["best_epoch"], "world_size": _world(),
+        "mesh": [job.mesh.rows, job.mesh.cols],
         "run_dir": str(job.run_dir),
     }
     if test is not None:
@@ -189,6 +209,35 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         write_summary(job.run_dir, summary)
     _barrier()
     return summary
+
+
+def better(auc: float, loss: float, best_auc: float, best_loss: float) -> bool:
+    """Whether an epoch of validation ``auc`` and ``loss`` replaces the best so far as ``best.pt``.
+
+    A higher AUC wins; an equal AUC wins with a lower or equal loss (ties go to the later epoch,
+    which has trained longer); an undefined AUC (NaN: one class) or loss always wins, as
+    without validation the last epoch is kept.
+    """
+    import math
+
+    if math.isnan(auc):
+        return True
+    if auc != best_auc:
+        return auc > best_auc
+    return math.isnan(loss) or math.isnan(best_loss) or loss <= best_loss
+
+
+def layout(job) -> str:
+    """How the ranks share the slides: ``"2 image groups of 1x1 (data parallel)"``."""
+    mesh = job.mesh
+    groups = f"{mesh.data} image group{'' if mesh.data == 1 else 's'} of {mesh.rows}x{mesh.cols}"
+    if mesh.size == 1:
+        how = "data parallel" if mesh.data > 1 else "one rank"
+    elif mesh.data == 1:
+        how = f"each slide over {mesh.size} ranks"
+    else:
+        how = f"data parallel, each slide over {mesh.size} ranks"
+    return f"{groups} ({how})"
 
 
 def predict(cfg: DictConfig, run_dir: str | os.PathLike[str], *, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -220,6 +269,11 @@ def predict(cfg: DictConfig, run_dir: str | os.PathLike[str], *, overrides: list
     del ckpt
     if note and job.is_main:
         log.warning(note)
+    if job.is_main:
+        log.info("%s", layout(job))
+        if job.blocks:
+            log.info("predicting block by block (blocks=%s) on each rank: whole slides per rank, one block at a time",
+                     list(job.blocks))
     source = SlideSource(job)
     ds = source.dataset(None, validate=True)
     metrics, rows = evaluate(job, source, ds, heatmaps=cfg.train.heatmaps)

@@ -24,7 +24,7 @@ from halo.errors import InputError
 from halo.train.job import Job, all_gather
 
 __all__ = ["rng_state", "set_rng_state", "save", "restore", "load_model", "mesh_note", "MODEL_KEYS", "READ_KEYS",
-           "given_keys", "adopt"]
+           "given_keys", "adopt", "train_on_advice"]
 
 log = logging.getLogger("halo.train")
 
@@ -104,14 +104,32 @@ def _check_schedule(job: Job, ckpt: dict[str, Any], path: Path, sched) -> None:
     old_span, new_span = _span(ckpt["scheduler"]), _span(sched.state_dict())
     if old_kind == t.schedule and old_span == new_span:
         return
-    old_epochs = before.get("epochs", "?")
+    old_epochs, old_accumulate = before.get("epochs", "?"), before.get("accumulate", "?")
+    old_world = len(ckpt.get("rng") or []) or "?"
+    warm = (f"to train as this run asks, start a new run from its weights instead: model.weights={path} "
+            f"train.schedule={t.schedule} train.epochs={t.epochs} hydra.run.dir=<a new directory> (the model's "
+            f"weights are loaded; the optimizer and the schedule start afresh)")
+    if old_kind != t.schedule:
+        finish = f" train.epochs={old_epochs}" if old_span is not None else ""
+        raise InputError(
+            f"halo-train: {path} was written by a run with train.schedule={old_kind}; this run asks for "
+            f"train.schedule={t.schedule}, and a run resumes only into its own schedule. To continue it, resume with "
+            f"train.schedule={old_kind}{finish}; {warm}")
     raise InputError(
-        f"halo-train: {path} was written by a run whose {old_kind} learning-rate schedule spans "
-        f"{old_span or 'no fixed number of'} optimizer steps (train.epochs={old_epochs}); this run's {t.schedule} "
-        f"schedule spans {new_span or 'no fixed number of'} (train.epochs={t.epochs}, world size "
-        f"{dist.get_world_size()}, train.accumulate={t.accumulate}). Resume with train.epochs={old_epochs} "
-        f"and the same world size, accumulation and schedule; to train on for more epochs use "
-        f"train.schedule=constant, or start a new run from its weights")
+        f"halo-train: {path} was written by a run whose {old_kind} learning-rate schedule spans {old_span} optimizer "
+        f"steps (train.epochs={old_epochs}, world size {old_world}, train.accumulate={old_accumulate}); this run's "
+        f"spans {new_span} (train.epochs={t.epochs}, world size {dist.get_world_size()}, "
+        f"train.accumulate={t.accumulate}), and a {old_kind} schedule cannot be stretched. To finish it, resume with "
+        f"train.epochs={old_epochs}, world size {old_world} and train.accumulate={old_accumulate}; {warm}")
+
+
+def train_on_advice(job: Job, last: Path, schedule: str, done: int) -> str:
+    """What to do to train a finished run (``done`` epochs) for longer: advice that works for its schedule."""
+    if schedule == "constant":
+        return (f"to train on, resume with train.epochs above {done} (a constant schedule extends; "
+                f"train.resume=true)")
+    return (f"its {schedule} schedule has run its course and cannot be extended: to train longer, start a new run "
+            f"from its weights: model.weights={last} train.epochs=N hydra.run.dir=<a new directory>")
 
 
 def load_model(job: Job, path: str | Path, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:

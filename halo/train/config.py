@@ -17,9 +17,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 __all__ = [
-    "ModelConfig", "HeadConfig", "TissueConfig", "AugmentConfig", "DataConfig", "MeshConfig", "TrainConfig",
-    "DistConfig", "LauncherConfig", "Config", "SCHEMAS", "CHOICES", "check", "tissue_options",
-    "augment_options", "register",
+    "ModelConfig", "HeadConfig", "TissueConfig", "AugmentConfig", "ColumnsConfig", "DataConfig", "MeshConfig",
+    "TrainConfig", "DistConfig", "LauncherConfig", "Config", "SCHEMAS", "CHOICES", "check", "tissue_options",
+    "augment_options", "columns_map", "register",
 ]
 
 
@@ -34,7 +34,9 @@ def doc(text: str, default: Any = MISSING, factory: Any = None) -> Any:
 class ModelConfig:
     name: str = doc("a torchvision classification model, timm:<name>, or halo_tiny[_WIDTH]", "halo_tiny")
     num_classes: int = doc("classes of the slide label (data.classes names them)", 2)
-    weights: Optional[str] = doc("a state-dict path of the backbone (timm or torchvision keys); nothing is downloaded", None)
+    weights: Optional[str] = doc("a state-dict path of the backbone (timm or torchvision keys), or a halo "
+                                 "checkpoint (best.pt / last.pt: a warm start, trunk and head, or the trunk only "
+                                 "where the head or classes differ); nothing is downloaded", None)
 
 
 @dataclass
@@ -64,16 +66,43 @@ class AugmentConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """The CSV header read as each column (null: by its name, or an alias in halo.data.ALIASES)."""
+
+    slide: Optional[str] = doc("the slide's path or id (aliases: slide, slide path, slide file, path, file)", None)
+    label: Optional[str] = doc("its class (aliases: label, class, diagnosis)", None)
+    split: Optional[str] = doc("train, val or test", None)
+    patient: Optional[str] = doc("keeps a patient's slides in one split (aliases: patient, patient id, case, "
+                                 "case id, subject, subject id)", None)
+    mpp: Optional[str] = doc("the slide's level-0 microns per pixel", None)
+    level: Optional[str] = doc("the pyramid level to read it at", None)
+    mask: Optional[str] = doc("a ground-truth mask image", None)
+    slide_id: Optional[str] = doc("the slide's key (alias: slide id)", None)
+
+
+def columns_map(data: DictConfig) -> dict[str, str]:
+    """``data.columns`` as :class:`halo.data.SlideDataset`'s ``columns``: the headers given."""
+    cols = data.get("columns") or {}
+    return {k: str(cols[k]) for k in cols if cols[k] is not None}
+
+
+@dataclass
 class DataConfig:
     kind: str = doc("synthetic (the embedded cohort, generated on first use) or csv (your slides)", "synthetic")
     root: Optional[str] = doc("directory relative slide paths are resolved against (null: the CSV's)", None)
-    csv: str = doc("the cohort CSV: slide, label, optional split, patient, slide_id, mpp, level, mask")
+    csv: str = doc("the cohort CSV (, ; tab or | delimited): slide, label, optional split, patient, slide_id, mpp, "
+                   "level, mask; headers matched ignoring case, spaces and _ (aliases: halo.data.ALIASES)")
     classes: list[str] = doc("class names; a label is a name or an index into this list")
     slides: int = doc("synthetic only: slides in the generated cohort", 40)
     seed: int = doc("synthetic only: seed of the generated cohort", 0)
     mpp: Optional[float] = doc("microns per pixel to train at (the matching level, or the next finer resampled)", None)
     level: Optional[int] = doc("pyramid level for slides without a usable mpp (or all, with mpp null)", None)
     strict: bool = doc("a slide unreadable mid-run stops the run (true) or is skipped and recorded (false)", False)
+    skip_unreadable: bool = doc("train: a missing or unreadable slide found by the start-up check is skipped and "
+                                "recorded in skipped_slides.csv (true) instead of refusing the run (false); "
+                                "mode=predict always skips them", False)
+    columns: ColumnsConfig = doc("your CSV's headers, where not read by name or alias (halo.data.ALIASES), e.g. "
+                                 "data.columns.patient=MRN 'data.columns.label=Final Dx'", factory=ColumnsConfig)
     val_fraction: float = doc("no split column: this fraction of each class's patients is validation", 0.25)
     split_seed: int = doc("seed of that split", 0)
     stain_normalize: bool = doc("Macenko-normalise every block with stains fitted on the slide's thumbnail", False)
@@ -90,6 +119,15 @@ class MeshConfig:
 
 @dataclass
 class TrainConfig:
+    """Optimisation and checkpoints.
+
+    ``checkpoints/best.pt`` is the epoch of the highest validation AUC; among epochs of equal AUC,
+    the lowest validation loss (``val_loss``: cross-entropy of the predicted probabilities), then
+    the later epoch. Without validation slides, or with one class (no AUC), it is the last epoch.
+    A run resumes (``resume``) only into its own schedule; to train on under another schedule or
+    length, start a new run with ``model.weights=<run>/checkpoints/last.pt``.
+    """
+
     epochs: int = doc("passes over the training slides", 8)
     lr: float = doc("peak learning rate of the head (the trunk's: lr * trunk_lr_scale)", 2e-3)
     optimizer: str = doc("adamw or sgd", "adamw")
@@ -100,7 +138,8 @@ class TrainConfig:
     accumulate: int = doc("slides per optimizer step, per image group", 1)
     class_weights: bool = doc("weigh the loss by inverse class frequency", True)
     seed: int = doc("seed of the initial weights, the slide order and the augmentation", 0)
-    resume: bool = doc("continue from checkpoints/last.pt of the run directory", False)
+    resume: bool = doc("continue from checkpoints/last.pt of the run directory (same schedule, epochs, world size and "
+                       "accumulation; constant schedules may add epochs)", False)
     overwrite: bool = doc("train into a directory that holds checkpoints: remove its results first", False)
     bf16: bool = doc("autocast to bfloat16 on CUDA (ignored on CPU)", True)
     checkpointing: bool = doc("recompute each trainable trunk stage in backward (less memory)", False)
@@ -168,8 +207,8 @@ class Config:
     run_dir: Optional[str] = doc("the run directory when not under @hydra.main (tests); else hydra.run.dir", None)
 
 
-SCHEMAS = (ModelConfig, HeadConfig, TissueConfig, AugmentConfig, DataConfig, MeshConfig, TrainConfig, DistConfig,
-           LauncherConfig, Config)
+SCHEMAS = (ModelConfig, HeadConfig, TissueConfig, AugmentConfig, ColumnsConfig, DataConfig, MeshConfig, TrainConfig,
+           DistConfig, LauncherConfig, Config)
 """Every dataclass of the config, for documentation and tests."""
 
 CHOICES: dict[str, tuple[str, ...]] = {

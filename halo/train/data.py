@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from halo.data import ManifestError, SlideDataset
+from halo.data import ManifestError, SlideDataset, SlideError
+from halo.data.dataset import COLUMNS, skipped_message, write_skipped
 from halo.errors import InputError
-from halo.train.config import augment_options, tissue_options
+from halo.train.config import augment_options, columns_map, tissue_options
 from halo.train.job import Job, all_gather, broadcast
 
 __all__ = ["group_steps", "SLIDE_RECORD", "slide_record", "SlideSource"]
@@ -93,6 +94,10 @@ class SlideSource:
         self.job = job
         self.augment = augment_options(job.cfg.data)
         self.records: dict[str, dict[str, Any]] = {}  # slide key -> what this rank read
+        self.epoch: int | None = None  # the training epoch (1-based) running: skipped_slides.csv's epoch
+        self._datasets: list[SlideDataset] = []  # every dataset of the run: their skipped slides are gathered
+        self._unreadable: dict[int, tuple[str, str]] = {}  # CSV line -> (reason, reader), skipped at start-up
+        self._reported: set[str] = set()  # rank 0: paths already in skipped_slides.csv
         self._norms: list[torch.nn.Module] | None = None  # the trunk's batch norms, found once
 
     def csv_path(self) -> str:
@@ -112,6 +117,10 @@ class SlideSource:
     def dataset(self, split: str | None, validate: bool) -> SlideDataset:
         """The rows of ``split`` (None: all); with ``validate``, rank 0 checks the whole cohort first.
 
+        Missing and unreadable slides are skipped (left out of every dataset of the run, logged once
+        and recorded in ``skipped_slides.csv`` with epoch 0) in ``mode=predict`` and with
+        ``data.skip_unreadable=true``; every other problem refuses the run.
+
         Raises
         ------
         halo.errors.InputError
@@ -120,29 +129,68 @@ class SlideSource:
         job, data = self.job, self.job.cfg.data
         kwargs = dict(
             classes=job.classes, grid=job.grid, multiple=job.multiple, mpp=data.mpp,
-            level=data.level, split=split, strict=data.strict, root=data.root, record_dir=job.run_dir,
+            level=data.level, split=split, strict=data.strict, root=data.root, record_dir=None,
             val_fraction=data.val_fraction, seed=data.split_seed, tissue=tissue_options(data),
             stain_normalize=data.stain_normalize, canvas=data.canvas or None,
             # prediction: unlabelled rows are welcome, and each row keeps the CSV's own split
             labels_required=job.cfg.mode == "train", derive_split=job.cfg.mode == "train",
+            columns=columns_map(data), report=False,  # skipped slides: gathered and reported by rank 0
         )
+        skip = job.cfg.mode == "predict" or bool(data.get("skip_unreadable", False))
         path = self.csv_path()
-        problem = None
+        problem, unreadable = None, {}
         if job.is_main and validate:
             try:
-                checked = SlideDataset(path, **kwargs, validate=True)
+                checked = SlideDataset(path, **kwargs, validate=True, skip_unreadable=skip)
             except (ManifestError, ValueError, FileNotFoundError) as e:
                 problem = f"{type(e).__name__}: {e}"
+                if getattr(e, "unreadable", None) and not skip:
+                    problem += ("\n(data.skip_unreadable=true skips missing and unreadable slides instead, "
+                                "recording them in skipped_slides.csv)")
             else:
+                unreadable = checked.unreadable
+                self._log_columns(checked)
                 mixed = checked.resolution_warnings()
                 if mixed:
                     log.warning("%s: %d slide(s) at another resolution than the cohort:\n%s", path, len(mixed),
                                 "\n".join(f"  - {m}" for m in mixed))
-        problem = broadcast(problem)
+                if unreadable:
+                    self._report_unreadable(checked, unreadable)
+        problem, unreadable = broadcast((problem, unreadable))
         if problem:  # every rank raises it; the launcher's guard prints it once
             done = "trained" if job.cfg.mode == "train" else "predicted"
             raise InputError(f"halo-train: nothing was {done}, the manifest has problems:\n{problem}")
-        return SlideDataset(path, **kwargs, validate=False)
+        if validate:
+            self._unreadable = dict(unreadable)
+        ds = SlideDataset(path, **kwargs, validate=False)
+        if self._unreadable:
+            ds.exclude(self._unreadable)
+        self._datasets.append(ds)
+        return ds
+
+    def _log_columns(self, ds: SlideDataset) -> None:
+        """Rank 0, once: which headers were read as which column (where not by name), which were ignored."""
+        renamed = {c: h for c, h in ds.columns.items() if h != c}
+        if renamed:
+            log.info("%s: column(s) read from other headers: %s", ds.csv_path,
+                     ", ".join(f"{c} <- {h!r}" for c, h in renamed.items()))
+        if ds.ignored_columns:
+            log.info("%s: column(s) %s ignored (halo reads %s; name a header with data.columns.<column>=<header>)",
+                     ds.csv_path, ds.ignored_columns, ", ".join(COLUMNS))
+        if ds.delimiter != ",":
+            log.info("%s: read as %r-delimited", ds.csv_path, ds.delimiter)
+
+    def _report_unreadable(self, checked: SlideDataset, unreadable: dict[int, tuple[str, str]]) -> None:
+        """Rank 0: log the slides the start-up check skipped, once, and record them (epoch 0)."""
+        why = "mode=predict" if self.job.cfg.mode == "predict" else "data.skip_unreadable=true"
+        recs = [{"slide": r.slide_id, "path": r.path, "csv_line": r.line, "split": r.split or "", "epoch": 0,
+                 "rank": 0, "reader": unreadable[r.line][1], "error": unreadable[r.line][0]}
+                for r in checked.all_rows if r.line in unreadable]
+        write_skipped(self.job.run_dir, recs)
+        self._reported.update(r["path"] for r in recs)
+        log.warning("%s: %d of %d slides are missing or unreadable and are skipped (%s), recorded in %s:\n%s",
+                    checked.csv_path, len(recs), len(checked.all_rows), why, self.job.run_dir / "skipped_slides.csv",
+                    "\n".join(f"  - {skipped_message(r)}" for r in recs))
 
     def block(self, ds: SlideDataset, index: int, augment_seed: int | None) -> torch.Tensor | None:
         """This rank's block of slide ``index``, normalised, on the device; None if the read failed."""
@@ -208,8 +256,11 @@ class SlideSource:
     def zeros(self, ds: SlideDataset, index: int) -> torch.Tensor:
         """A zero block of slide ``index``'s shape: what a rank computes on when a read failed
         (two cells wide if that slide is a single output cell, which batch norm cannot train on)."""
-        h, w = ds.plan(index).block_shape()
         m = self.job.multiple
+        try:
+            h, w = ds.plan(index).block_shape()
+        except SlideError:  # it failed to plan (recorded): every rank of its group computes on this
+            h, w = m, m
         if h // m * (w // m) <= 1:
             w *= 2
         return torch.zeros(1, 3, h, w, device=self.job.device)
@@ -230,7 +281,24 @@ class SlideSource:
         rec["read_seconds"] = round(seconds, 4)
 
     def write_records(self) -> None:
-        """Merge every rank's records (the slowest rank's read time) into ``slides.csv``; collective."""
+        """Merge every rank's records (the slowest rank's read time) into ``slides.csv``, and the slides
+        skipped since the last call into ``skipped_slides.csv`` (one row per slide, from the lowest
+        rank it failed on; logged once, by rank 0); collective."""
+        mine = {p: rec for ds in self._datasets for p, rec in ds.skipped.items() if p not in self._reported}
+        skipped: dict[str, dict[str, Any]] = {}
+        for part in all_gather(mine):
+            for p, rec in part.items():
+                if p not in skipped or int(rec["rank"]) < int(skipped[p]["rank"]):
+                    skipped[p] = rec
+        new = sorted((r for p, r in skipped.items() if p not in self._reported), key=lambda r: int(r["csv_line"]))
+        self._reported.update(skipped)
+        if self.job.is_main and new:
+            for r in new:
+                if r["epoch"] == "" and self.epoch is not None:
+                    r["epoch"] = self.epoch
+            write_skipped(self.job.run_dir, new)
+            for r in new:
+                log.warning("%s (recorded in skipped_slides.csv)", skipped_message(r))
         merged: dict[str, dict[str, Any]] = {}
         for part in all_gather(self.records):
             for key, rec in part.items():

@@ -106,6 +106,19 @@ class Job:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def _mesh(cfg: DictConfig) -> halo.SpatialMesh:
+    """The mesh ``mesh.rows x mesh.cols``; one that does not divide the world size is bad input (every rank)."""
+    rows, cols, world = int(cfg.mesh.rows), int(cfg.mesh.cols), dist.get_world_size()
+    if rows < 1 or cols < 1 or world % (rows * cols):
+        fits = [f"{r}x{c}" for r, c in ((1, 1), (2, 1), (2, 2)) if world % (r * c) == 0 and r * c <= world]
+        raise InputError(
+            f"halo-train: mesh.rows x mesh.cols = {rows} x {cols} = {rows * cols} ranks per image does not divide the "
+            f"world size {world} (the processes started): use a mesh that divides {world}, e.g. "
+            f"{' or '.join(f'mesh={m}' for m in fits)} (or mesh.rows=R mesh.cols=C), or start a multiple of "
+            f"{rows * cols} processes, e.g. torchrun --standalone --nproc-per-node {max(rows * cols, 1)} -m halo.train")
+    return halo.SpatialMesh(rows, cols)
+
+
 def start(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> Job:
     """Set threads and device, claim the run directory and build the sharded model; collective.
 
@@ -113,7 +126,8 @@ def start(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> Job:
     ------
     halo.errors.InputError
         The run directory may not be written (see :func:`halo.train.rundir.claim`), the model
-        cannot be built, or ``data.classes`` and ``model.num_classes`` disagree.
+        cannot be built, ``data.classes`` and ``model.num_classes`` disagree, or the mesh does not
+        divide the world size.
     """
     from halo.train.rundir import claim
 
@@ -125,7 +139,7 @@ def start(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> Job:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or min(dist.get_world_size(), os.cpu_count() or 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     blocks = (int(cfg.blocks[0]), int(cfg.blocks[1])) if cfg.mode == "predict" and cfg.blocks else None
-    mesh = halo.SpatialMesh(1, 1) if blocks else halo.SpatialMesh(cfg.mesh.rows, cfg.mesh.cols)
+    mesh = halo.SpatialMesh(1, 1) if blocks else _mesh(cfg)
     classes = list(cfg.data.classes)
     if len(classes) != cfg.model.num_classes:
         raise InputError(f"halo-train: data.classes has {len(classes)} names ({', '.join(classes)}) but "
@@ -141,6 +155,8 @@ def start(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> Job:
         raise InputError(f"halo-train: model.name={cfg.model.name} head={cfg.head.name}"
                          f"{f' model.weights={cfg.model.weights}' if cfg.model.weights else ''} cannot be built: "
                          f"{type(exc).__name__}: {exc}") from exc
+    if model.initialised_from and rank == 0:
+        log.info("model.weights: initialised from %s", model.initialised_from)
     if cfg.mode == "train" and cfg.train.trunk == "frozen" and not cfg.model.weights and rank == 0:
         log.warning("train.trunk=frozen without model.weights: the trunk stays at its random initial weights and "
                     "only the head trains on their features; pass model.weights=PATH for frozen-feature MIL")

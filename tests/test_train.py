@@ -134,6 +134,19 @@ def test_two_rank_run_resume_and_predict(cohort: Path, tmp_path: Path) -> None:
     assert (pred / ".hydra" / "config.yaml").is_file() and list((pred / "heatmaps").glob("*.png"))
     assert not (pred / "checkpoints").exists()
 
+    # without hydra.run.dir, a prediction goes beside its checkpoint's training run, not into a new
+    # runs/<date>/<id>/ of the working directory (whose empty folders Hydra made are removed)
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    beside = subprocess.run(
+        [sys.executable, "-m", "halo.train", *[o for o in _overrides(cohort, full) if not o.startswith("hydra.run.dir=")],
+         "mesh=1x1", "mode=predict", f"checkpoint={full / 'checkpoints/best.pt'}", "train.heatmaps=false"],
+        cwd=here, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, capture_output=True,
+        text=True, timeout=240)
+    assert beside.returncode == 0, beside.stderr[-3000:]
+    assert len(list((full / "predict").iterdir())) == 2 and list(here.rglob("*")) == [here / "runs"]
+    assert _files(full, skip="predict") == before
+
     # training again into it is refused (nothing changes) unless told to resume or overwrite
     again = _train(_overrides(cohort, full))
     assert again.returncode != 0 and "already holds a training run" in again.stderr, again.stderr[-3000:]

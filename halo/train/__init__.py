@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from halo.train.config import check  # also registers the typed schema (halo_schema) with Hydra
 
-__all__ = ["run", "train", "predict", "better", "layout", "check", "run_id", "CONF_DIR"]
+__all__ = ["run", "train", "predict", "better", "layout", "check", "run_id", "training_run", "CONF_DIR"]
 
 log = logging.getLogger("halo.train")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -63,9 +63,35 @@ def _run_dir(cfg: DictConfig) -> Path:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return Path(HydraConfig.get().runtime.output_dir)
+        hydra = HydraConfig.get()
     except ValueError:  # not under @hydra.main: tests call run() with a composed config
         return Path(cfg.get("run_dir") or "runs/manual")
+    out = Path(hydra.runtime.output_dir)
+    given = any(str(o).split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in hydra.overrides.hydra)
+    home = training_run(cfg.checkpoint) if cfg.mode == "predict" and not given else None
+    if home is None:
+        return out
+    for made in (out, out.parent):  # what Hydra made for this launch (runs/<date>/<id>), if still empty
+        try:
+            made.rmdir()
+        except OSError:  # not empty, or already gone (another rank's): leave it
+            break
+    return home
+
+
+def training_run(checkpoint: str | os.PathLike[str] | None) -> Path | None:
+    """The run directory a checkpoint was written in (``<run>/checkpoints/best.pt``), or None.
+
+    ``mode=predict`` without ``hydra.run.dir`` writes into ``predict/<id>/`` there, beside the
+    training's own results.
+    """
+    if not checkpoint:
+        return None
+    path = Path(checkpoint).resolve()
+    run = path.parent.parent
+    if path.parent.name == "checkpoints" and ((run / "summary.json").is_file() or (run / ".hydra").is_dir()):
+        return run
+    return None
 
 
 def run(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None, *,

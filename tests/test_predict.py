@@ -109,6 +109,9 @@ def test_slides_without_a_label_column_are_predicted(pool1, trained) -> None:
                          parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
     assert summary["metrics"] == {} and summary["labelled"] == 0 and summary["unlabelled"] == 4, summary
     assert len(out["titles"]) == 4 and not any("None" in t for t in out["titles"]), out["titles"]
+    for r in rows:  # each heatmap's title gives its slide's predicted probability
+        assert any(t.startswith(r["slide"]) and f"P(tumour) = {float(r['prob_tumour']):.3f}" in t
+                   for t in out["titles"]), (r, out["titles"])
     records = _rows(_out_dir(out) / "slides.csv")
     assert len(records) == 4 and all(r["label"] == "" for r in records), records
 

@@ -45,7 +45,7 @@ def evaluate(job: Job, source: SlideSource, ds: SlideDataset, heatmaps: bool) ->
                 continue
             logits, head_map = out.logits.float(), out.head_map
             if heatmaps and head_map is not None and weight > 0:
-                heatmap(job, ds, index, head_map.float()[0].cpu().numpy())
+                heatmap(job, ds, index, head_map.float()[0].cpu().numpy(), torch.softmax(logits[0], 0).tolist())
         else:
             x = source.block(ds, index, None)
             ok = source.agree(x is not None)
@@ -57,7 +57,7 @@ def evaluate(job: Job, source: SlideSource, ds: SlideDataset, heatmaps: bool) ->
         if heatmaps and head_map is not None and not job.blocks:
             full = halo.gather(head_map.float(), job.mesh)  # a collective of the image group
             if job.first_in_group and weight > 0 and ok[job.group]:
-                heatmap(job, ds, index, full[0].cpu().numpy())
+                heatmap(job, ds, index, full[0].cpu().numpy(), torch.softmax(logits[0], 0).tolist())
             del full
         if ok[job.group] and weight > 0 and job.first_in_group:
             item = ds.rows[index]
@@ -78,12 +78,21 @@ def evaluate(job: Job, source: SlideSource, ds: SlideDataset, heatmaps: bool) ->
     return metrics, all_rows
 
 
-def heatmap(job: Job, ds: SlideDataset, index: int, m: np.ndarray) -> None:
-    """Write ``heatmaps/<key>.png`` of slide ``index`` from its whole map ``(C, h, w)``."""
+def heatmap(job: Job, ds: SlideDataset, index: int, m: np.ndarray, probs: list[float] | None = None) -> None:
+    """Write ``heatmaps/<key>.png`` of slide ``index`` from its whole map ``(C, h, w)``.
+
+    The colour is what the head computed per cell of the trunk's output: the attention weight
+    (attention head, one channel), or the last class's logit (the class activation map of the
+    mean, max and top-k heads, before their pooling); the title gives the slide's label and
+    its predicted probability of that class (``probs``).
+    """
     item = ds.rows[index]
+    positive = job.classes[-1]
     score = m[-1] if m.shape[0] > 1 else m[0]  # positive class (CAM) or attention weights
-    label = "attention" if m.shape[0] == 1 else f"{job.classes[-1]} score"
+    label = ("attention weight per cell" if m.shape[0] == 1 else
+             f"{positive} logit per cell (class activation, before pooling)")
+    title = f"{item.slide_id} (label {job.classes[item.label]})" if item.label >= 0 else f"{item.slide_id} (unlabelled)"
+    if probs is not None:
+        title += f", P({positive}) = {probs[-1]:.3f}"
     save_heatmap(job.run_dir / "heatmaps" / f"{slide_file_name(item.slide_id)}.png", ds.plan(index), score,
-                 mask_path=item.mask, label=label,
-                 title=f"{item.slide_id} (label {job.classes[item.label]})" if item.label >= 0 else
-                 f"{item.slide_id} (unlabelled)")
+                 mask_path=item.mask, label=label, title=title)

@@ -22,7 +22,7 @@ RECYCLE_RSS = 1.5 * 2**30
 """A worker holding more than this after a module (big models stay in glibc's heap) is restarted."""
 
 SLOW_MODULES = {"test_benchmarks", "test_launch_real", "test_launch_train", "test_meshes", "test_plan_measure",
-                "test_zoo", "test_train", "test_engine"}
+                "test_zoo", "test_train", "test_engine", "test_predict", "test_outcomes"}
 """Modules whose every test is slow: launchers, end-to-end runs, many ranks."""
 
 SLOW_TESTS = ("wide_resnet", "resnext", "densenet", "test_model_four_ranks", "test_layout_models",

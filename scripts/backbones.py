@@ -104,6 +104,29 @@ def _module_names(source: str, name: str) -> set[str]:
     return {n for n, _ in model.named_modules()}
 
 
+def _refuse_on_meta(source: str, name: str, mesh) -> None:
+    """Raise the refusal ``parallelize`` gives a copy of the model built on the meta device.
+
+    Most refusals come from the walk over the modules (a kernel that does not tile, a
+    size-dependent pooling, attention), which needs no weights: a refused ViT-H or VGG costs
+    no real build and no forward. Anything else the meta copy cannot do (builders that
+    compute with tensors, parametrisations that copy data) leaves the verdict to the real build.
+    """
+    import torch
+
+    import halo
+    from halo.errors import HaloNotSupportedError, HaloShapeError
+
+    try:
+        with torch.device("meta"):
+            model = _build(source, name)
+        halo.parallelize(model, mesh)
+    except (HaloNotSupportedError, HaloShapeError):
+        raise
+    except Exception:  # noqa: BLE001 - the meta copy could not tell: the real build decides
+        return
+
+
 def check_model(source: str, name: str) -> dict:
     """One model's verdict on this rank of a 1x2 world: run on every rank (gloo)."""
     import copy
@@ -123,6 +146,7 @@ def check_model(source: str, name: str) -> dict:
     row = {"source": source, "name": name, "family": family(source, name), "params": params}
     start = time.perf_counter()
     try:
+        _refuse_on_meta(source, name, mesh)
         if params > RUN_MAX_PARAMS:
             halo.parallelize(_build(source, name), mesh)
             row.update(verdict="accepted", how="parallelize only (size)", error=None)

@@ -38,8 +38,9 @@ fake process-group backend playing one rank of the full world (the busiest, an i
 on meshes of 3 x 3 and up), in a fresh Python process; it counts what autograd saves,
 ``FlopCounterMode``'s FLOPs and the bytes posted to ``batch_isend_irecv`` (:func:`measure`).
 
-``--time`` turns the plan into seconds per step, per epoch (``--cohort`` slides) and in all
-(``--epochs``), printing every assumption (:func:`estimate_time`): the accelerator's dense peak
+``--time`` turns the plan into seconds per step, per epoch (``--cohort`` slides of ``--image``'s
+size; with ``--slide`` / ``--csv`` each slide's own step, the epoch over those slides,
+:func:`cohort_time`) and in all (``--epochs``), printing every assumption (:func:`estimate_time`): the accelerator's dense peak
 FLOP/s from its spec sheet (``--gpu``, :data:`GPUS`) times an achieved fraction (default 0.4,
 an assumption unless measured: ``benchmarks/bench_gpu.py`` prints the measured one), NVLink
 within a node and InfiniBand across nodes (ranks fill nodes in rank order), a latency per
@@ -77,7 +78,7 @@ from halo.nn._window import border_bands, native_padding, pair, split_local, win
 __all__ = ["LayerPlan", "Plan", "RankKind", "SlidePlan", "Trace", "Measurement", "plan", "plan_model", "plan_slide",
            "trace_model", "rank_kind", "measure", "measure_saved_bytes", "measure_checkpointed_bytes", "build_model",
            "main", "GpuSpec", "GPUS", "Collective", "StepSyncs", "TimeAssumptions", "step_syncs", "estimate_time",
-           "gpu_for_device", "math_mode", "parse_args", "train_defaults", "TRAIN_DEFAULTS"]
+           "cohort_time", "gpu_for_device", "math_mode", "parse_args", "train_defaults", "TRAIN_DEFAULTS"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 TRACE_SIZE = 64
@@ -1405,7 +1406,7 @@ def estimate_time(p: Plan, syncs: StepSyncs, a: TimeAssumptions, *, buffer_bytes
         "total_s_per_step_no_overlap": compute + comm,
         "total_s_per_step_overlap": max(compute, comm),
         "total_s_per_step": total,
-        "cohort": cohort, "epochs": epochs, "steps_per_epoch": steps,
+        "batch": p.batch, "cohort": cohort, "epochs": epochs, "steps_per_epoch": steps,
         "s_per_epoch": epoch, "total_s": None if epoch is None else epoch * epochs,
     }
 
@@ -1420,7 +1421,28 @@ def _duration(s: float) -> str:
     return f"{s:.4g} s ({s / 86400:.1f} days)"
 
 
-def _print_time(t: dict) -> None:
+def cohort_time(times: Sequence[dict], *, epochs: int = 1) -> dict:
+    """Seconds per epoch and in all over slides of different sizes: ``times`` is each slide's
+    :func:`estimate_time` (one step at its own size, the same assumptions). An epoch is the
+    ``ceil(N / (data * batch))`` steps over the ``N`` slides, each at the mean of the slides' step
+    times: with one image group and batch 1, the sum of the slides' step times."""
+    if not times:
+        raise ValueError("no slides to time")
+    a = times[0]["assumptions"]
+    batch = times[0]["batch"]
+    n = len(times)
+    per_step = [t["total_s_per_step"] for t in times]
+    mean = sum(per_step) / n
+    steps = -(-n // (a["data"] * batch))
+    epoch = steps * mean
+    return {"assumptions": a, "cohort": n, "epochs": epochs, "steps_per_epoch": steps, "batch": batch,
+            "mean_s_per_step": mean, "min_s_per_step": min(per_step), "max_s_per_step": max(per_step),
+            "s_per_epoch": epoch, "total_s": epoch * epochs,
+            "epoch_note": "each slide's step timed at its own padded region; an epoch is ceil(slides / (data x "
+                          "batch)) steps at the mean step time (one image group, batch 1: the sum over the slides)"}
+
+
+def _print_assumptions(t: dict) -> None:
     a = t["assumptions"]
     measured = "measured" if a["achieved_fraction_measured"] else "ASSUMED, not measured"
     print(f"time (--time): assumptions, all explicit")
@@ -1442,6 +1464,12 @@ def _print_time(t: dict) -> None:
     print(f"  synchronisations counted from the model: {h['layers']} layers with a halo, {h['exchanges_per_step']} "
           f"halo exchanges per step ({h['phases_per_step']} row and column phases on every rank), "
           f"{t['collectives_per_step']} collectives per step")
+
+
+def _print_time(t: dict) -> None:
+    _print_assumptions(t)
+    a = t["assumptions"]
+    h = t["halo"]
     print(f"  {'compute':30s} {t['compute_s']:10.4f} s   {t['flops_per_rank'] / 1e12:.2f} TFLOP per rank")
     print(f"  {'halo exchange':30s} {h['seconds']:10.4f} s   rank {h['rank'][0]},{h['rank'][1]}: {h['messages_per_step']} "
           f"messages ({h['messages_by_link']['intra']} within a node, {h['messages_by_link']['inter']} across), "
@@ -1463,9 +1491,31 @@ def _print_time(t: dict) -> None:
     if t["cohort"] is None:
         print("  per epoch: give --cohort N (slides)")
         return
+    _print_epoch(t)
+
+
+def _print_epoch(t: dict, note: str = "") -> None:
+    a = t["assumptions"]
     print(f"  {'per epoch':30s} {_duration(t['s_per_epoch'])}   {t['steps_per_epoch']} steps for {t['cohort']} slides "
-          f"({a['data']} image group(s))")
+          f"({a['data']} image group(s)){note}")
     print(f"  {'total':30s} {_duration(t['total_s'])}   {t['epochs']} epoch(s)")
+
+
+def _print_slide_times(times: Sequence[tuple[str, dict]], total: dict) -> None:
+    """``--time`` with ``--slide`` / ``--csv``: the assumptions once, then each slide's step in the
+    terms of :func:`_print_time`, then the epoch over the slides (:func:`cohort_time`)."""
+    _print_assumptions(times[0][1])
+    width = max(len(k) for k, _ in times)
+    for key, t in times:
+        print(f"  {key:{width}s}  compute {t['compute_s']:.4f} s  halo exchange {t['halo']['seconds']:.4f} s  "
+              f"BN / pool / head syncs {t['sync_s']:.4f} s  gradient all-reduce "
+              f"{t['grad_allreduce']['seconds']:.4f} s  total per step {t['total_s_per_step']:.4f} s"
+              + ("" if t["fits"] else "  (does not fit)"))
+    a = total["assumptions"]
+    print(f"  {'step':30s} {total['mean_s_per_step']:10.4f} s   mean over the {total['cohort']} slides "
+          f"({total['min_s_per_step']:.4f} to {total['max_s_per_step']:.4f} s; "
+          f"{'overlapped' if a['overlap'] else 'no overlap'})")
+    _print_epoch(total, f", the slides' own step times{'' if (a['data'], total['batch']) == (1, 1) else ' (mean)'}")
 
 
 # -- slides: the padded region training reads, planned by the training data path ------------------
@@ -1618,7 +1668,9 @@ def _resolution_note(a: argparse.Namespace) -> str:
 
 def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace) -> int:
     """``--slide`` / ``--csv``: one line per slide, then the smallest square mesh for the largest."""
-    from halo.data import ManifestError, SlideError, SlideTooSmallError
+    import os
+
+    from halo.data import ManifestError, SlideError, SlideOpenError, SlideReadError, SlideTooSmallError
 
     try:
         tissue = _tissue(a.tissue)
@@ -1634,10 +1686,11 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
             print(f"halo-plan: {e}", file=sys.stderr)
             return 2
         planned: list[tuple[int, SlidePlan]] = []
-        failed: list[tuple[str, str, str, str, int | None]] = []  # key, path, why, how named, CSV line
+        failed: list[dict] = []  # key, path, why, how named, CSV line, unreadable, reader
         for i in range(len(ds)):
             key = cohort.key(ds, i)
             try:
+                _check_readable(ds, i)
                 planned.append((i, plan_slide(ds.plan(i), key=key, model=model, name=a.model, traced=traced,
                                               **kwargs)))
             except (SlideError, FileNotFoundError) as e:
@@ -1645,8 +1698,11 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
                 path = getattr(e, "path", None)
                 if path and why.startswith(f"{path}: "):  # the line names the slide already
                     why = why[len(path) + 2:]
-                failed.append((key, ds.rows[i].path, f"{type(e).__name__}: {why}", cohort.ref(ds, i),
-                               None if cohort.keys is not None else ds.rows[i].line))
+                unreadable = isinstance(e, (SlideOpenError, SlideReadError)) and os.path.exists(ds.rows[i].path)
+                failed.append({"key": key, "path": ds.rows[i].path, "why": f"{type(e).__name__}: {why}",
+                               "ref": cohort.ref(ds, i), "unreadable": unreadable,
+                               "reader": getattr(e, "reader", None),
+                               "line": None if cohort.keys is not None else ds.rows[i].line})
         largest = max(planned, key=lambda ip: ip[1].content_hw[0] * ip[1].content_hw[1], default=None)
         smallest: dict | None = None
         if largest is not None:
@@ -1659,12 +1715,17 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
                 except SlideTooSmallError as e:
                     smallest["reason"] = f"at {n} x {n} the slide is smaller than the grid: {e}"
                     break
+                except SlideError as e:  # read once already; a reread that fails is said, not a traceback
+                    smallest["reason"] = f"at {n} x {n} the slide cannot be planned: {type(e).__name__}: {e}"
+                    break
                 if s.plan.fits:
                     smallest.update(n=n, block_hw=list(s.block_hw), padded_hw=list(s.padded_hw),
                                     total_bytes_per_rank=s.plan.total_bytes_per_rank)
                     break
             else:
                 smallest["reason"] = f"no square mesh up to {a.max_mesh} x {a.max_mesh} fits"
+        times = [(s.key, _time_plan(a, s.plan, model, traced)) for _, s in planned] if a.time else []
+        total = cohort_time([t for _, t in times], epochs=a.epochs) if times else None
     finally:
         cohort.close()
     if a.json:
@@ -1672,10 +1733,14 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
                "mpp": a.mpp, "level": a.level, "defaults_from_halo_train": list(a.defaulted),
                "dtype": a.dtype, "batch": a.batch, "checkpointing": a.checkpointing,
                "gpu_memory_bytes": int(a.gpu_memory * GB), "sizes": "height, width",
-               "slides": [s.summary() for _, s in planned]
-               + [{"slide": k, "path": path, "error": why, **({"csv_line": line} if line is not None else {})}
-                  for k, path, why, _, line in failed],
+               "slides": [{**s.summary(), **({"time": t} if a.time else {})}
+                          for (_, s), (_, t) in itertools.zip_longest(planned, times, fillvalue=(None, None))]
+               + [{"slide": f["key"], "path": f["path"], "error": f["why"], "unreadable": f["unreadable"],
+                   "reader": f["reader"], **({"csv_line": f["line"]} if f["line"] is not None else {})}
+                  for f in failed],
                "smallest_square_mesh": smallest}
+        if a.time:
+            out["time"] = total
         print(json.dumps(out, indent=2))
         return 1 if failed else 0
     print(f"halo-plan: {a.model} with a {a.head} head (total stride {traced.stride}) on a {mesh[0]} x {mesh[1]} mesh"
@@ -1685,8 +1750,9 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
     width = max([len(s.key) for _, s in planned] + [1])
     for _, s in planned:
         print(_slide_line(s, width))
-    for _, _, why, ref, _ in failed:
-        print(f"  {ref}: cannot plan: {why}")
+    for f in failed:
+        what = "unreadable or corrupt file: " if f["unreadable"] else ""
+        print(f"  {f['ref']}: cannot plan: {what}{f['why']}")
     if smallest is not None:
         th, tw = smallest["tissue_hw"]
         head = f"smallest square mesh for the largest slide ({smallest['slide']}, tissue {th} x {tw})"
@@ -1695,7 +1761,32 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
             print(f"{head}: {n} x {n}, block {bh} x {bw}, peak {_fmt(smallest['total_bytes_per_rank'])} per rank")
         else:
             print(f"{head}: none; {smallest['reason']}")
+    if total is not None:
+        _print_slide_times(times, total)
+    elif a.time:
+        print("time (--time): no slide could be planned")
     return 1 if failed else 0
+
+
+def _check_readable(ds, i: int) -> None:
+    """Training's start-up check of row ``i`` (as ``halo.data.SlideDataset.validate`` makes it, before
+    its size check): the file opens, the tiles of the level training reads and of the thumbnail's
+    level lie inside the file, and one tile decodes; so a corrupt slide is said to be unreadable
+    (with the reader's error), not planned from its header or called too small for the grid.
+
+    Raises
+    ------
+    SlideOpenError, SlideReadError
+        The slide cannot be opened or read.
+    SlideResolutionError
+        Its level cannot be chosen.
+    """
+    from halo.data.slide import open_cached
+
+    r = ds.rows[i]
+    slide = open_cached(r.path)
+    choice, _ = ds._choose(r, slide)  # the level training reads the row at (SlideDataset.plan's own choice)
+    slide.verify(choice.level)
 
 
 TRAIN_DEFAULTS = ("mesh", "head", "num_classes", "checkpointing", "mpp", "level")
@@ -1806,8 +1897,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the rank --measure plays (default: the busiest, an interior one on meshes of 3 x 3 and up)")
     p.add_argument("--measure-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="give up on --measure after this long (default 1800)")
-    t = p.add_argument_group("--time", "seconds per step, per epoch and for a cohort (with --image); every "
-                                       "assumption is printed")
+    t = p.add_argument_group("--time", "seconds per step, per epoch and for a cohort; every assumption is "
+                                       "printed. With --slide / --csv: each slide's step, and the epoch over "
+                                       "those slides (the sum of their step times; no --cohort)")
     t.add_argument("--time", action="store_true",
                    help="estimate step time: compute (FLOPs over peak x achieved fraction), halo messages, batch-norm "
                         "/ pooling / head collectives and DDP's gradient all-reduce, counted from the model")
@@ -1836,7 +1928,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overlap", action="store_true",
                    help="assume communication fully overlaps compute (a lower bound; default: no overlap, an "
                         "upper bound)")
-    t.add_argument("--cohort", type=int, default=None, metavar="N", help="slides per epoch")
+    t.add_argument("--cohort", type=int, default=None, metavar="N",
+                   help="slides per epoch, with --image (--slide / --csv: the slides given)")
     t.add_argument("--epochs", type=int, default=1, help="epochs for the total (default 1)")
     p.add_argument("--json", action="store_true")
     return p
@@ -1859,6 +1952,29 @@ def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParse
     return a
 
 
+def _time_assumptions(a: argparse.Namespace) -> TimeAssumptions:
+    """``--time``'s assumptions from the command line (the preset's figures where not given)."""
+    gpu = GPUS[a.gpu or DEFAULT_GPU]
+    math = a.math or math_mode(a.dtype)
+    links = a.link_gbps or [gpu.intra_gbps, gpu.inter_gbps]
+    latency = a.latency_us or list(DEFAULT_LATENCY_US)
+    return TimeAssumptions(
+        gpu=a.gpu or f"{DEFAULT_GPU} (default)", gpu_name=gpu.name, math=math,
+        peak_flops=a.peak_flops if a.peak_flops is not None else gpu.peak[math],
+        peak_source="--peak-flops" if a.peak_flops is not None else gpu.source,
+        achieved_fraction=a.achieved_fraction if a.achieved_fraction is not None else DEFAULT_ACHIEVED_FRACTION,
+        achieved_fraction_measured=a.achieved_fraction_measured and a.achieved_fraction is not None,
+        intra_gbps=links[0], inter_gbps=links[-1], latency_us=(latency[0], latency[-1]),
+        gpus_per_node=a.gpus_per_node, data=a.data, accumulate=a.accumulate, overlap=a.overlap)
+
+
+def _time_plan(a: argparse.Namespace, p: Plan, model: nn.Module, traced: Trace, cohort: int | None = None) -> dict:
+    """:func:`estimate_time` of one plan under the command line's assumptions."""
+    syncs = step_syncs(p, model, stride=traced.stride, data=a.data)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return estimate_time(p, syncs, _time_assumptions(a), buffer_bytes=buffers, cohort=cohort, epochs=a.epochs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``halo-plan`` command line."""
     from halo.models import build_classifier
@@ -1874,8 +1990,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--math, --peak-flops, --achieved-fraction[-measured], --link-gbps, --latency-us, --gpus-per-node, "
                 "--data, --accumulate, --overlap, --cohort and --epochs apply with --time")
     if a.time:
-        if a.image is None:
-            p.error("--time applies to --image")
+        if a.image is None and a.cohort is not None:
+            p.error("--cohort applies to --image: with --slide / --csv the epoch is over the slides given")
         for flag, values in (("--link-gbps", a.link_gbps), ("--latency-us", a.latency_us)):
             if values is not None and not 1 <= len(values) <= 2:
                 p.error(f"{flag} takes one or two values (within a node, across nodes)")
@@ -1923,22 +2039,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         for c in checks if not c["ok"])
         print(f"halo-plan --measure: the plan differs from what rank {measured.rank} measured: {bad}", file=sys.stderr)
         status = 1
-    timed = None
-    if a.time:
-        math = a.math or math_mode(a.dtype)
-        links = a.link_gbps or [gpu.intra_gbps, gpu.inter_gbps]
-        latency = a.latency_us or list(DEFAULT_LATENCY_US)
-        assumptions = TimeAssumptions(
-            gpu=a.gpu or f"{DEFAULT_GPU} (default)", gpu_name=gpu.name, math=math,
-            peak_flops=a.peak_flops if a.peak_flops is not None else gpu.peak[math],
-            peak_source="--peak-flops" if a.peak_flops is not None else gpu.source,
-            achieved_fraction=a.achieved_fraction if a.achieved_fraction is not None else DEFAULT_ACHIEVED_FRACTION,
-            achieved_fraction_measured=a.achieved_fraction_measured and a.achieved_fraction is not None,
-            intra_gbps=links[0], inter_gbps=links[-1], latency_us=(latency[0], latency[-1]),
-            gpus_per_node=a.gpus_per_node, data=a.data, accumulate=a.accumulate, overlap=a.overlap)
-        syncs = step_syncs(result, model, stride=traced.stride, data=a.data)
-        buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-        timed = estimate_time(result, syncs, assumptions, buffer_bytes=buffers, cohort=a.cohort, epochs=a.epochs)
+    timed = _time_plan(a, result, model, traced, cohort=a.cohort) if a.time else None
     if a.json:
         out = result.summary()
         if timed is not None:

@@ -82,3 +82,20 @@ def test_dataset_reads_the_cohort(cohort: Path) -> None:
     assert item.plan.level == 2 and item.mask is not None and Path(item.mask).exists()
     blocks = [hd.read_block(item.plan, r, 0) for r in range(2)]
     np.testing.assert_array_equal(np.concatenate(blocks, 0), hd.read_full(item.plan))
+
+
+def test_cli_size_is_height_then_width(tmp_path: Path, capsys) -> None:
+    """--size HEIGHT WIDTH, as halo-plan --image: --size 64 128 writes slides 64 high and 128 wide."""
+    assert main(["--out", str(tmp_path), "--slides", "1", "--size", "64", "128", "--levels", "1",
+                 "--workers", "1"]) == 0
+    [r] = _rows(tmp_path / "labels.csv")
+    with openslide.OpenSlide(tmp_path / r["slide"]) as s:
+        assert s.dimensions == (128, 64)  # OpenSlide's (width, height)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--size HEIGHT WIDTH" in text and "halo-plan --image" in text, text
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--slides", "1", "--size", "8", "128", "--levels", "1"])
+    assert "8 x 128 (H x W)" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import halo
-from data_fixtures import noise_slide_image, write_csv, write_slide
+from data_fixtures import corrupt_tiles, noise_slide_image, write_csv, write_slide
 from distributed import counting_sends, shared_mesh
 from halo.data import SlideDataset
 from halo.models import build_classifier, total_stride
@@ -288,6 +288,80 @@ def test_a_slide_that_cannot_be_planned_is_named_and_fails(tmp_path: Path, capsy
     assert rc == 1
     missing = tmp_path / "missing.tif"
     assert len(_slide_lines(out)) == 2 and f"  slide '{missing}' ({missing}): cannot plan: " in out, out
+
+
+def _failed_line(out: str, path: Path) -> str:
+    [line] = [line for line in _slide_lines(out) if f"({path})" in line]
+    return line
+
+
+def test_a_corrupt_slide_is_unreadable_not_too_small(tmp_path: Path, capsys) -> None:
+    """A corrupt slide is reported as unreadable, with the reader's own error, even where it is also
+    smaller than the grid or its thumbnail still reads (training's start-up check refuses it); the
+    other slides are still planned, and the exit status is 1."""
+    small = write_slide(tmp_path / "small_bad.tif", noise_slide_image(48, 48), mpp=0.5, levels=1)
+    corrupt_tiles(small)  # 48 x 48: also smaller than 4 x 4 ranks x stride 16
+    pyramid = write_slide(tmp_path / "pyramid_bad.tif", noise_slide_image(256, 256), mpp=0.5)
+    corrupt_tiles(pyramid)  # level 0 garbage, the thumbnail's level intact
+    truncated = write_slide(tmp_path / "truncated.tif", noise_slide_image(256, 256, seed=2), mpp=0.5)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    text = tmp_path / "notes.svs"
+    text.write_text("not a slide\n")
+    good = write_slide(tmp_path / "good.tif", noise_slide_image(256, 256, seed=1), mpp=0.5)
+    slides = [small, pyramid, truncated, text, good]
+    rc, out = _run_main(capsys, "--model", "halo_tiny", "--slide", *map(str, slides), "--mesh", "4", "4",
+                        "--mpp", "0.5")
+    assert rc == 1, out
+    assert _slide_lines(out)[0].split()[0] == str(good) and _slide_lines(out)[0].endswith(" fits"), out
+    for path, reader in ((small, "DeflateError"), (pyramid, "DeflateError"), (truncated, "file ends early"),
+                         (text, "not a slide format OpenSlide reads")):
+        line = _failed_line(out, path)
+        assert "unreadable or corrupt" in line and reader in line, line
+        assert "TooSmall" not in line and "smaller than" not in line, line
+    rc, out = _run_main(capsys, "--model", "halo_tiny", "--slide", *map(str, slides), "--mesh", "4", "4",
+                        "--mpp", "0.5", "--json")
+    got = json.loads(out)
+    assert rc == 1 and [s["slide"] for s in got["slides"] if "error" not in s] == [str(good)]
+    bad = {s["slide"]: s for s in got["slides"] if "error" in s}
+    assert set(bad) == set(map(str, slides[:4])) and all(s["unreadable"] for s in bad.values()), bad
+    assert "DeflateError" in bad[str(small)]["error"], bad
+
+
+def test_a_csv_of_only_corrupt_slides_plans_nothing_and_fails(tmp_path: Path, capsys) -> None:
+    bad = write_slide(tmp_path / "bad.tif", noise_slide_image(48, 48), mpp=0.5, levels=1)
+    corrupt_tiles(bad)
+    (tmp_path / "bad.svs").write_text("a text file\n")
+    csv_path = write_csv(tmp_path / "cohort.csv", [{"slide": "bad.tif", "label": "normal"},
+                                                   {"slide": "bad.svs", "label": "tumour"}])
+    rc, out = _run_main(capsys, "--model", "halo_tiny", "--csv", str(csv_path), "--mesh", "4", "4", "--mpp", "0.5")
+    assert rc != 0, out
+    lines = _slide_lines(out)
+    assert len(lines) == 2 and all("unreadable or corrupt" in line for line in lines), out
+    assert "line 2, slide 'bad.tif'" in lines[0] and "DeflateError" in lines[0], lines
+    assert "line 3" in lines[1] and "not a slide format" in lines[1], lines
+    assert "smallest square mesh" not in out
+
+
+_BROKEN = {"openslide-python_unreadable.svs": "Bogus marker length",
+           "histolab_broken.svs": "not a slide format OpenSlide reads",
+           "openslide-python_unopenable.tiff": "Unsupported TIFF compression"}
+
+
+@pytest.mark.skipif(not all((FIXTURES / n).is_file() for n in [*_BROKEN, "cmu-1-small-region.svs"]),
+                    reason=f"real slide fixtures in {FIXTURES} are absent")
+def test_real_broken_slides_are_unreadable(tmp_path: Path, capsys) -> None:
+    """The real broken files of ../shared/fixtures/slides: each named, unreadable with the reader's
+    error (openslide-python's unreadable.svs is 16 x 16, so also smaller than the grid at 1 mpp:
+    it must not be reported as too small), and the real slide beside them still planned."""
+    rows = [{"slide": str(FIXTURES / n), "label": "normal"} for n in [*_BROKEN, "cmu-1-small-region.svs"]]
+    csv_path = write_csv(tmp_path / "cohort.csv", rows)
+    rc, out = _run_main(capsys, "--model", "halo_tiny", "--csv", str(csv_path), "--mesh", "2", "2", "--mpp", "2")
+    assert rc == 1, out
+    [good] = [line for line in _slide_lines(out) if "cmu-1-small-region" in line]
+    assert good.endswith(" fits"), good
+    for name, reader in _BROKEN.items():
+        line = _failed_line(out, FIXTURES / name)
+        assert "unreadable or corrupt" in line and reader in line and "smaller than" not in line, line
 
 
 def test_model_halo_tiny_plans_what_training_builds(capsys) -> None:

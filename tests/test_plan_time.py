@@ -7,6 +7,7 @@ import dataclasses
 import json
 from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 import halo
 import halo.nn._collectives as collectives
+from data_fixtures import noise_slide_image, write_csv, write_slide
 from distributed import shared_mesh
 from halo.models import build_classifier
 from halo.plan import (DEFAULT_ACHIEVED_FRACTION, GPUS, TimeAssumptions, estimate_time, gpu_for_device, main,
@@ -136,10 +138,47 @@ def test_bad_time_arguments(capsys) -> None:
             main(["--model", "halo_tiny", "--image", "64", "64", *args])
         assert text in capsys.readouterr().err, args
     with pytest.raises(SystemExit):
-        main(["--model", "halo_tiny", "--slide", "x.tif", "--time"])
-    assert "--time applies to --image" in capsys.readouterr().err
+        main(["--model", "halo_tiny", "--slide", "x.tif", "--time", "--cohort", "5"])
+    assert "--cohort applies to --image" in capsys.readouterr().err
     assert gpu_for_device("NVIDIA H100 80GB HBM3") == "h100-sxm" and gpu_for_device("NVIDIA H200") == "h200"
     assert gpu_for_device("NVIDIA A100-SXM4-40GB") == "a100-40gb" and gpu_for_device("Tesla T4") is None
+
+
+def test_time_per_slide_and_over_the_csv(tmp_path: Path, capsys) -> None:
+    """--time with --csv / --slide: each slide's step time is --image's for its padded region (the
+    same model of time), and the epoch is the sum of the slides' step times (no --cohort)."""
+    write_slide(tmp_path / "small.tif", noise_slide_image(256, 192, tissue=(10, 10, 230, 150)), mpp=0.5)
+    write_slide(tmp_path / "big.tif", noise_slide_image(512, 384, seed=1, tissue=(8, 8, 490, 360)), mpp=0.5)
+    csv_path = write_csv(tmp_path / "cohort.csv", [{"slide": "small.tif", "label": "normal"},
+                                                   {"slide": "big.tif", "label": "tumour"}])
+    args = ["--model", "halo_tiny", "--mesh", "2", "2", "--mpp", "0.5", "--time", "--gpu", "a100-80gb"]
+    got = _json(capsys, *args, "--csv", str(csv_path), "--epochs", "3")
+    slides = got["slides"]
+    assert [s["slide"] for s in slides] == ["small", "big"]
+    for s in slides:
+        h, w = s["padded_hw"]
+        image = _json(capsys, "--model", "halo_tiny", "--image", str(h), str(w), *args[2:7], "--time", "--gpu",
+                      "a100-80gb")["time"]
+        t = s["time"]
+        for key in ("compute_s", "halo", "syncs", "grad_allreduce", "total_s_per_step", "assumptions"):
+            assert t[key] == image[key], key
+    steps = [s["time"]["total_s_per_step"] for s in slides]
+    assert steps[1] > steps[0] > 0
+    t = got["time"]
+    assert t["cohort"] == 2 and t["steps_per_epoch"] == 2 and t["epochs"] == 3
+    assert t["s_per_epoch"] == pytest.approx(sum(steps)) and t["total_s"] == pytest.approx(3 * sum(steps))
+    assert t["assumptions"] == slides[0]["time"]["assumptions"]
+    assert main([*args, "--csv", str(csv_path)]) == 0
+    out = capsys.readouterr().out
+    for text in ("time (--time): assumptions, all explicit", "a100-80gb", "of peak (ASSUMED, not measured)",
+                 "not counted", "per epoch", "2 steps for 2 slides"):
+        assert text in out, (text, out)
+    per_slide = [line for line in out.splitlines() if "total per step" in line]
+    assert len(per_slide) == 2 and per_slide[0].split()[0] == "small", out
+    assert f"{steps[1]:.4f} s" in per_slide[1], per_slide
+    one = _json(capsys, *args, "--slide", str(tmp_path / "big.tif"))
+    assert one["slides"][0]["time"]["total_s_per_step"] == steps[1]
+    assert one["time"]["s_per_epoch"] == pytest.approx(steps[1]) and one["time"]["cohort"] == 1
 
 
 # -- the synchronisations the plan counts, against a real step on gloo ranks ---------------------

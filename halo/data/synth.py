@@ -583,21 +583,33 @@ def make_cohort(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``halo-synth --out data/synth --slides 40 --seed 0 [--task fine]``."""
+    """Command line: ``halo-synth --out data/synth --slides 40 --seed 0 [--task fine] [--size HEIGHT WIDTH]``.
+
+    ``--size`` is HEIGHT then WIDTH, as ``halo-plan --image`` takes it; :func:`make_cohort`'s ``size``
+    is ``(width, height)``, as halo.data's sizes are."""
     p = argparse.ArgumentParser(prog="halo-synth", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="data/synth", help="output directory (default data/synth)")
     p.add_argument("--slides", type=int, default=40, help="number of slides (default 40)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--task", choices=TASKS, default="coarse",
                    help="coarse: dark tumour regions (default); fine: foci that differ only in fine structure")
-    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("WIDTH", "HEIGHT"),
-                   help="level-0 size in pixels (default 2048 1536; 2048 2048 for --task fine)")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                   help="level-0 size in pixels, HEIGHT then WIDTH (H x W, as halo-plan --image and every halo "
+                        "message; default 1536 2048, 1536 high and 2048 wide; 2048 2048 for --task fine)")
     p.add_argument("--mpp", type=float, default=0.5, help="microns per level-0 pixel (default 0.5)")
     p.add_argument("--levels", type=int, default=3, help="pyramid levels (default 3)")
     p.add_argument("--workers", type=int, default=None, help="processes (default up to 2)")
     a = p.parse_args(argv)
+    size = None
+    if a.size is not None:
+        height, width = a.size
+        f = 2 ** (max(a.levels, 1) - 1)
+        if min(height // f * f, width // f * f) < 16 * f:
+            p.error(f"--size {height} {width}: {height} x {width} (H x W) is too small for {a.levels} levels "
+                    f"(each side at least {16 * f} pixels)")
+        size = (width, height)  # make_cohort's size is (width, height), as halo.data's sizes are
     t = time.perf_counter()
-    path = make_cohort(a.out, slides=a.slides, seed=a.seed, size=tuple(a.size) if a.size else None, mpp=a.mpp,
+    path = make_cohort(a.out, slides=a.slides, seed=a.seed, size=size, mpp=a.mpp,
                        levels=a.levels, workers=a.workers, task=a.task)
     print(f"wrote {a.slides} slides and {path} in {time.perf_counter() - t:.1f} s")
     return 0

@@ -103,3 +103,23 @@ def test_the_experiment_presets_compose() -> None:
     assert "resnet50_2x2" in presets
     cfg = _compose("experiment=resnet50_2x2")
     assert (cfg.model.name, cfg.mesh.rows, cfg.mesh.cols, cfg.train.checkpointing) == ("resnet50", 2, 2, True)
+
+
+@pytest.mark.parametrize("overrides,missing", [
+    (["data=csv"], "data.classes, data.csv"),
+    (["data=csv", "data.csv=cohort.csv"], "data.classes"),
+    (["data=csv", "data.classes=[normal,tumour]"], "data.csv"),
+    (["data=csv", "mode=predict", "checkpoint=best.pt"], "data.csv"),
+])
+def test_a_missing_value_is_refused_before_running_naming_the_keys(overrides: list[str], missing: str) -> None:
+    """``data=csv`` leaves ``data.csv`` and ``data.classes`` to the command line: without them the run
+    is refused before it starts (not an OmegaConf traceback from deep in the engine); prediction takes
+    the classes from its checkpoint."""
+    from halo.train.config import check
+
+    with pytest.raises(ValueError) as err:
+        check(_compose(*overrides))
+    assert f"missing: {missing}" in str(err.value), err.value
+    assert "data.classes=[" in str(err.value) or "data.classes" not in missing
+    check(_compose("data=csv", "data.csv=cohort.csv", "data.classes=[normal,tumour]"))
+    check(_compose("data=csv", "data.csv=cohort.csv", "mode=predict", "checkpoint=best.pt"))

@@ -233,6 +233,13 @@ def check(cfg: DictConfig) -> DictConfig:
     """
     from omegaconf import OmegaConf
 
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if OmegaConf.select(cfg, "mode") == "predict":  # the checkpoint names its classes
+        missing = [k for k in missing if k != "data.classes"]
+    if missing:
+        hints = {"data.csv": "data.csv=<cohort.csv>", "data.classes": "data.classes=[normal,tumour]"}
+        raise ValueError(f"missing: {', '.join(missing)}: give "
+                         + " ".join(hints.get(k, f"{k}=<value>") for k in missing) + " on the command line")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and str(value) not in allowed:

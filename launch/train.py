@@ -4,6 +4,7 @@ The one start-up path of a training or prediction process, whatever started it (
 ``mpiexec``, ``srun``/``sbatch``, submitit's `launch.submit.TrainJob`, or nothing)::
 
     check(cfg)                      # a bad value stops here, before any process group or file
+                                    # (Hydra's empty run directory is removed: forget_refused)
     resume_if_requeued(cfg)         # a SLURM requeue continues from checkpoints/last.pt
     env = init_distributed(...)     # launch.env: who this process is
     with guard(env):                # launch.failure: a lost rank ends the job, named
@@ -25,7 +26,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from halo.train import CONF_DIR, check, run
+from halo.train import CONF_DIR, check, forget_refused, run
 from launch.env import init_distributed, shutdown, slurm_restarts
 from launch.failure import guard
 
@@ -75,7 +76,12 @@ def start(cfg: DictConfig, run_dir: str | None = None, *,
     exit code at once (submitit's local executor requeues on it), not as a failure.
     ``overrides``: the command line's, where Hydra's are not this process's (see :func:`halo.train.run`).
     """
-    check(cfg)
+    try:
+        check(cfg)
+    except ValueError:
+        if run_dir is None:  # Hydra's output directory, empty: halo writes .hydra/ once it has checked
+            forget_refused()
+        raise
     resume_if_requeued(cfg)
     env = init_distributed(backend=cfg.dist.backend, timeout_s=float(cfg.dist.timeout_s))
     log.info("rank %d of %d (%s), local rank %d, resume=%s", env.rank, env.world_size, env.source, env.local_rank,

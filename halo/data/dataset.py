@@ -40,7 +40,10 @@ Other columns are kept in :attr:`ManifestRow.extra`.
 **Slide keys.** Every row has a key unique in the CSV, which names its prediction row and its
 heatmap: the ``slide_id`` column where given, else the ``slide`` entry as written (relative to
 ``root`` when it is an absolute path under it), without a known slide extension unless another
-row would then get the same key. Keys may contain ``/``; :func:`slide_file_name` makes a safe,
+row would then get the same key. An absolute path outside ``root`` (``/data/x/slide1.svs``) is
+keyed by its file name without the extension (``slide1``) where no other row has that name, else
+by its path below the longest folder common to the CSV's absolute paths outside ``root``
+(``x/slide1``). Keys may contain ``/``; :func:`slide_file_name` makes a safe,
 still unique, file name of one. The same file listed twice and two rows with one key are
 problems.
 
@@ -474,6 +477,7 @@ class SlideDataset:
         for p in pend:
             p["real"] = os.path.realpath(p["path"])
             p["full"], p["short"] = self._entry_key(p["entry"])
+        self._outside_keys([p for p in pend if Path(p["full"]).is_absolute()])
         explicit = {p["explicit"] for p in pend if p["explicit"]}
         files_per_short: dict[str, set[str]] = defaultdict(set)
         for p in pend:
@@ -508,6 +512,27 @@ class SlideDataset:
         full = p.as_posix()
         short = full[: -len(p.suffix)] if p.suffix.lower() in SLIDE_EXTENSIONS and p.stem else full
         return full, short
+
+    @staticmethod
+    def _outside_keys(outside: list[dict[str, Any]]) -> None:
+        """Keys of the rows given by absolute path outside ``root``: the file name without a known
+        slide extension (``short``) where no other row has it, else (``full``) the path below the
+        longest folder common to all of them (without the extension unless two such rows would
+        then agree); see :meth:`_keys`."""
+        if not outside:
+            return
+        common = os.path.commonpath([os.path.dirname(p["full"]) for p in outside])
+        for p in outside:
+            rel = Path(os.path.relpath(p["full"], common))
+            p["rel"] = rel.as_posix()
+            p["rel_short"] = (p["rel"][: -len(rel.suffix)] if rel.suffix.lower() in SLIDE_EXTENSIONS and rel.stem
+                              else p["rel"])
+            p["short"] = Path(p["rel_short"]).name
+        counts: dict[str, int] = defaultdict(int)
+        for p in outside:
+            counts[p["rel_short"]] += 1
+        for p in outside:
+            p["full"] = p["rel_short"] if counts[p["rel_short"]] == 1 else p["rel"]
 
     def _splits(self, pend: list[dict[str, Any]]) -> list[tuple[int, str]]:
         """Fill in derived splits, or check given ones (every row has one; no patient in two)."""

@@ -34,32 +34,49 @@ from omegaconf import DictConfig, OmegaConf
 
 from halo.train.config import check  # also registers the typed schema (halo_schema) with Hydra
 
-__all__ = ["run", "train", "predict", "better", "layout", "check", "run_id", "training_run", "CONF_DIR"]
+__all__ = ["run", "train", "predict", "better", "layout", "check", "run_id", "run_name", "training_run",
+           "forget_refused", "CONF_DIR"]
 
 log = logging.getLogger("halo.train")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def run_id() -> str:
-    """An id that every rank of one launch agrees on, for the default run directory.
-
-    The launcher's (torchrun, SLURM, MPI) where there is one, else the local date and time,
-    ``2026-12-01_17-12-04`` (sortable; :func:`halo.train.rundir.claim` keeps two predictions of one
-    second apart).
-    """
+def _launcher_id() -> str | None:
+    """The launcher's id of this launch (torchrun, SLURM, MPI; ``HALO_RUN_ID`` first), or None."""
     for var in ("HALO_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PMI_KVSNAME", "PMIX_NAMESPACE"):
         value = os.environ.get(var)
         if value:
             suffix = os.environ.get("SLURM_ARRAY_TASK_ID") if var == "SLURM_JOB_ID" else None
             return f"{value}_{suffix}" if suffix else value
-    return time.strftime("%Y-%m-%d_%H-%M-%S")
+    return None
 
 
-if not OmegaConf.has_resolver("halo_run_id"):
-    OmegaConf.register_new_resolver("halo_run_id", run_id, use_cache=True)
+def run_id() -> str:
+    """An id that every rank of one launch agrees on, for ``predict/<id>/`` and the run directory.
+
+    The launcher's (torchrun, SLURM, MPI) where there is one, else the local date and time,
+    ``2026-12-01_17-12-04`` (sortable; :func:`halo.train.rundir.claim` keeps two predictions of one
+    second apart).
+    """
+    return _launcher_id() or time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def run_name() -> str:
+    """The last part of the default run directory ``runs/<date>/<name>`` (``${halo_run_name:}``):
+    the launcher's id (:func:`run_id`), else the local time, ``17-12-04`` (the date is its folder)."""
+    return _launcher_id() or time.strftime("%H-%M-%S")
+
+
+for _name, _fn in (("halo_run_id", run_id), ("halo_run_name", run_name)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn, use_cache=True)
 
 
 def _run_dir(cfg: DictConfig) -> Path:
+    """Where this run writes: Hydra's output directory, or (``mode=predict`` without
+    ``hydra.run.dir``) the training run of its checkpoint; collective when that is so: after every
+    rank has reached it (so every rank's Hydra has made its ``runs/<date>/<id>``), rank 0 alone
+    removes that folder if it is still empty, and its date folder if that is now empty too."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -71,12 +88,24 @@ def _run_dir(cfg: DictConfig) -> Path:
     home = training_run(cfg.checkpoint) if cfg.mode == "predict" and not given else None
     if home is None:
         return out
-    for made in (out, out.parent):  # what Hydra made for this launch (runs/<date>/<id>), if still empty
-        try:
-            made.rmdir()
-        except OSError:  # not empty, or already gone (another rank's): leave it
-            break
+    import torch.distributed as dist
+
+    _barrier()  # every rank's Hydra made the folder before it got here: none makes it again after
+    if dist.get_rank() == 0:
+        from halo.train.rundir import forget
+
+        forget(out)
     return home
+
+
+def forget_refused() -> None:
+    """After a refusal before any result was written: remove the directory Hydra made for this
+    launch if it holds nothing else; each rank for itself, never raises. :func:`run` does it for
+    the refusals it raises; launchers call it for a config refused before the process group (see
+    :func:`halo.train.rundir.forget_refused`)."""
+    from halo.train import rundir
+
+    rundir.forget_refused()
 
 
 def training_run(checkpoint: str | os.PathLike[str] | None) -> Path | None:
@@ -106,15 +135,23 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None, *,
     """
     import torch.distributed as dist
 
+    from halo.errors import InputError
+    from halo.train import rundir
+
     check(cfg)  # a value outside its choices stops here, before any file is written
     if not dist.is_initialized():
         raise RuntimeError("halo.train.run needs an initialised torch.distributed process group: start it with "
                            "launch.init_distributed() (halo-train and python -m halo.train do), or "
                            "torch.distributed.init_process_group('gloo', ...) for one process")
-    run_dir = Path(run_dir) if run_dir is not None else _run_dir(cfg)
-    if cfg.mode == "train":
-        return train(cfg, run_dir)
-    return predict(cfg, run_dir, overrides=overrides)
+    rundir.new_launch()
+    try:
+        run_dir = Path(run_dir) if run_dir is not None else _run_dir(cfg)
+        if cfg.mode == "train":
+            return train(cfg, run_dir)
+        return predict(cfg, run_dir, overrides=overrides)
+    except InputError:  # refused (alike on every rank): no empty run directory is left behind
+        rundir.forget_refused()
+        raise
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,12 @@ import torch
 import torch.distributed as dist
 
 from halo.data import ManifestError, SlideDataset, SlideError
-from halo.data.dataset import COLUMNS, skipped_message, write_skipped
+from halo.data.dataset import COLUMNS, skipped_message, slide_ref, write_skipped
 from halo.errors import InputError
 from halo.train.config import augment_options, columns_map, tissue_options
 from halo.train.job import Job, all_gather, broadcast
 
-__all__ = ["group_steps", "SLIDE_RECORD", "slide_record", "SlideSource"]
+__all__ = ["group_steps", "SLIDE_RECORD", "slide_record", "SlideSource", "SMALL_CELLS", "one_cell_reason"]
 
 log = logging.getLogger("halo.train")
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -87,6 +88,19 @@ def slide_record(row, plan, classes: list[str]) -> dict[str, Any]:
     }
 
 
+SMALL_CELLS = 4
+"""Slides whose whole image at the training resolution is at most this many output cells of the trunk
+a side are planned at start-up to find those whose region is a single cell (:meth:`SlideSource.dataset`)."""
+
+
+def one_cell_reason(plan, multiple: int) -> str:
+    """Why a slide whose padded region is a single output cell cannot be trained on, and what would work."""
+    pw, ph = plan.padded_size
+    return (f"its region pads to {ph} x {pw} (H x W) pixels at level {plan.level}, a single {multiple}-pixel cell "
+            f"of the trunk's output, and batch norm in training needs at least two values per channel: read it at a "
+            f"finer resolution (its mpp or level column, data.mpp) or set data.canvas={2 * multiple}")
+
+
 class SlideSource:
     """The cohort of a run on this rank: its datasets, this rank's blocks, and their records."""
 
@@ -98,6 +112,7 @@ class SlideSource:
         self._datasets: list[SlideDataset] = []  # every dataset of the run: their skipped slides are gathered
         self._unreadable: dict[int, tuple[str, str]] = {}  # CSV line -> (reason, reader), skipped at start-up
         self._reported: set[str] = set()  # rank 0: paths already in skipped_slides.csv
+        self._announced: set[str] = set()  # rank 0: paths logged at start-up as to be skipped (one cell)
         self._norms: list[torch.nn.Module] | None = None  # the trunk's batch norms, found once
 
     def csv_path(self) -> str:
@@ -156,6 +171,8 @@ class SlideSource:
                                 "\n".join(f"  - {m}" for m in mixed))
                 if unreadable:
                     self._report_unreadable(checked, unreadable)
+                if split == "train" and job.cfg.mode == "train":
+                    problem = self._one_cell_at_start(checked)
         problem, unreadable = broadcast((problem, unreadable))
         if problem:  # every rank raises it; the launcher's guard prints it once
             done = "trained" if job.cfg.mode == "train" else "predicted"
@@ -167,6 +184,56 @@ class SlideSource:
             ds.exclude(self._unreadable)
         self._datasets.append(ds)
         return ds
+
+    def _one_cell_at_start(self, checked: SlideDataset) -> str | None:
+        """Rank 0, at start-up: the training slides that :meth:`_one_cell` will skip (batch norm in
+        training cannot train on a single output cell), logged once; with ``data.strict=true`` the
+        problem that refuses the run, naming them (None: nothing to refuse).
+
+        Only a 1 x 1 grid without a larger ``data.canvas`` can give one cell, and only slides whose
+        whole image at the training resolution is at most :data:`SMALL_CELLS` cells a side are
+        planned (thumbnail and tissue detection) to find out: a larger slide whose tissue box alone
+        falls in one cell is still caught mid-run by :meth:`_one_cell`, the backstop.
+        """
+        job, m = self.job, self.job.multiple
+        canvas = int(job.cfg.data.canvas or 0)
+        unit = math.lcm(m, canvas) if canvas else m
+        if tuple(job.grid) != (1, 1) or unit != m or not self._norm_trains():
+            return None
+        small = []
+        for i, r in enumerate(checked.rows):
+            ch = checked.choices.get(r.line)
+            if ch is None or max(ch.target_size) > SMALL_CELLS * m:
+                continue
+            try:
+                plan = checked.plan(i)
+            except SlideError:  # it fails to plan: recorded when it is read, as before
+                continue
+            pw, ph = plan.padded_size
+            if pw // m * (ph // m) <= 1:
+                small.append(f"{slide_ref(r.line, r.slide_id, r.path)}: {one_cell_reason(plan, m)}")
+                self._announced.add(r.path)
+        if not small:
+            return None
+        if job.cfg.data.strict:
+            return (f"data.strict=true: {len(small)} training slide(s) too small to train on:\n"
+                    + "\n".join(f"  - {line}" for line in small))
+        log.warning("%s: %d training slide(s) will be skipped in training (recorded in skipped_slides.csv when "
+                    "reached; data.strict=true refuses the run instead):\n%s", checked.csv_path, len(small),
+                    "\n".join(f"  - {line}" for line in small))
+        return None
+
+    def _norm_trains(self) -> bool:
+        """Whether a batch norm of the trunk trains in some epoch of the run (not all of its stages
+        frozen throughout: ``train.trunk``, ``train.freeze_stages``, ``train.unfreeze_at``)."""
+        from halo.train.loop import frozen_stages
+
+        try:
+            n = min(frozen_stages(self.job, e) for e in range(max(1, int(self.job.cfg.train.epochs))))
+        except InputError:  # a bad freeze setting: refused when training starts
+            return False
+        return any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm)
+                   for stage in list(self.job.model.trunk)[n:] for x in stage.modules())
 
     def _log_columns(self, ds: SlideDataset) -> None:
         """Rank 0, once: which headers were read as which column (where not by name), which were ignored."""
@@ -210,17 +277,15 @@ class SlideSource:
     def _one_cell(self, ds: SlideDataset, index: int) -> bool:
         """Whether slide ``index`` is too small to train on: its padded region is one output cell of
         the trunk, and batch norm in training needs two values per channel. Skipped and recorded
-        (every rank of the group plans it alike), or raised with ``data.strict=true``."""
+        (every rank of the group plans it alike), or raised with ``data.strict=true``. The backstop of
+        :meth:`_one_cell_at_start`, which names such slides (and refuses them with strict) at start-up."""
         from halo.data.slide import SlideTooSmallError
 
         plan, m = ds.plan(index), self.job.multiple
         pw, ph = plan.padded_size
         if pw // m * (ph // m) > 1 or not self._norm_training():
             return False
-        ds.mark_failed(index, SlideTooSmallError(plan.path, (
-            f"its region pads to {ph} x {pw} (H x W) pixels at level {plan.level}, a single {m}-pixel cell of the "
-            f"trunk's output, and batch norm in training needs at least two values per channel: read it at a finer "
-            f"resolution (its mpp or level column, data.mpp) or set data.canvas={2 * m}")))
+        ds.mark_failed(index, SlideTooSmallError(plan.path, one_cell_reason(plan, m)))
         return True
 
     def _norm_training(self) -> bool:
@@ -285,8 +350,9 @@ class SlideSource:
         skipped since the last call into ``skipped_slides.csv`` (one row per slide, from the lowest
         rank it failed on; logged once, by rank 0); collective."""
         mine = {p: rec for ds in self._datasets for p, rec in ds.skipped.items() if p not in self._reported}
+        parts = all_gather((mine, self.records))  # one collective: (skipped slides, records) of every rank
         skipped: dict[str, dict[str, Any]] = {}
-        for part in all_gather(mine):
+        for part, _ in parts:
             for p, rec in part.items():
                 if p not in skipped or int(rec["rank"]) < int(skipped[p]["rank"]):
                     skipped[p] = rec
@@ -298,9 +364,10 @@ class SlideSource:
                     r["epoch"] = self.epoch
             write_skipped(self.job.run_dir, new)
             for r in new:
-                log.warning("%s (recorded in skipped_slides.csv)", skipped_message(r))
+                if r["path"] not in self._announced:  # those were logged once, at start-up
+                    log.warning("%s (recorded in skipped_slides.csv)", skipped_message(r))
         merged: dict[str, dict[str, Any]] = {}
-        for part in all_gather(self.records):
+        for _, part in parts:
             for key, rec in part.items():
                 old = merged.get(key)
                 if old is None or rec["read_seconds"] > old["read_seconds"]:

@@ -4,7 +4,8 @@ A training run writes ``.hydra/{config,overrides}.yaml``, ``metrics.csv``, ``sum
 ``predictions.csv``, ``test_predictions.csv``, ``slides.csv``, ``checkpoints/{last,best}.pt``
 and ``heatmaps/<key>.png``; a prediction writes the same kinds of files (no checkpoints) into
 ``predict/<run id>/`` of the directory it is given. Only rank 0 writes, except heatmaps (each
-image group's first rank writes its own slides').
+image group's first rank writes its own slides'). A run refused before writing any result leaves no
+directory behind (:func:`forget_refused`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,13 +23,20 @@ from omegaconf import DictConfig, OmegaConf
 from halo.errors import InputError
 from halo.evaluate import write_predictions
 
-__all__ = ["RUN_FILES", "claim", "command_line", "write_metrics", "write_rows", "write_summary"]
+__all__ = ["RUN_FILES", "claim", "command_line", "forget", "forget_refused", "new_launch", "write_metrics",
+           "write_rows", "write_summary"]
 
 log = logging.getLogger("halo.train")
 
 RUN_FILES = ("metrics.csv", "summary.json", "predictions.csv", "test_predictions.csv", "slides.csv",
              "skipped_slides.csv")
 """What a training run writes beside ``checkpoints/`` and ``heatmaps/`` (removed by ``train.overwrite``)."""
+
+HYDRA_FILES = ("config.yaml", "overrides.yaml")
+"""What :func:`claim` writes in ``.hydra/`` (in Hydra's place: ``hydra.output_subdir: null``)."""
+
+_written: list[Path] = []  # directories whose .hydra/ this process's claim() wrote
+_made: list[Path] = []  # predict/<id>/ directories this process's claim() created
 
 
 def _folder_name(value: str) -> str:
@@ -88,10 +97,76 @@ def claim(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path:
         raise InputError(problem)
     out = Path(out)
     if is_main:
+        if cfg.mode == "predict":
+            _made.append(out)
+        _written.append(out)
         (out / ".hydra").mkdir(parents=True, exist_ok=True)
         (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (out / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(command_line()))
     return out
+
+
+def forget(out: str | os.PathLike[str], written: list[Path] | tuple[Path, ...] | None = None) -> bool:
+    """Remove ``out`` if it holds nothing but what this launch wrote there for Hydra, and its parent
+    (``runs/<date>``) if that is then empty; whether ``out`` is gone. Not collective: one rank calls it.
+
+    "What this launch wrote" is nothing, or ``.hydra/`` with only :data:`HYDRA_FILES` in it when
+    ``out`` is in ``written`` (default: the directories :func:`claim` wrote ``.hydra/`` into in this
+    process): an earlier launch's ``.hydra/``, a result, a log or anything else keeps the directory.
+    The working directory itself is never removed.
+    """
+    out = Path(out)
+    written = _written if written is None else written
+    try:
+        if not out.is_dir() or out.resolve() == Path.cwd().resolve():
+            return not out.exists()
+        entries = {p.name: p for p in out.iterdir()}
+        hydra = entries.pop(".hydra", None)
+        if entries:
+            return False
+        if hydra is not None:
+            ours = any(out.resolve() == Path(w).resolve() for w in written)
+            if not ours or not hydra.is_dir() or not {p.name for p in hydra.iterdir()} <= set(HYDRA_FILES):
+                return False
+            for p in hydra.iterdir():
+                p.unlink()
+            hydra.rmdir()
+        out.rmdir()
+    except OSError:  # another process wrote there meanwhile, or it is gone: leave what is there
+        return not out.exists()
+    try:
+        out.parent.rmdir()  # runs/<date>, if this was its last run
+    except OSError:
+        pass
+    return True
+
+
+def new_launch() -> None:
+    """Forget what :func:`claim` wrote for an earlier run of this process (:func:`halo.train.run` calls it)."""
+    _written.clear()
+    _made.clear()
+
+
+def forget_refused() -> None:
+    """After halo refused a run before writing any result: remove the directories made for it
+    (Hydra's output directory, and a ``predict/<id>/`` that :func:`claim` created) with
+    :func:`forget`. Every rank calls it for itself, with no collective: a refusal may come before
+    the process group, or on some ranks only. That is enough for Hydra's directory: each rank's
+    Hydra made it before the rank could refuse, so the last rank to make it also tries to remove
+    it afterwards, and rank 0's ``.hydra/`` goes with rank 0's call. Never raises.
+    """
+    try:
+        outs: list[Path] = []
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            outs.append(Path(HydraConfig.get().runtime.output_dir))
+        except ValueError:  # not under @hydra.main: nothing of Hydra's to remove
+            pass
+        for out in [*_made, *outs]:  # a predict/<id>/ takes predict/ with it if that is then empty
+            forget(out)
+    except Exception as exc:  # noqa: BLE001 - tidying up must not hide the refusal
+        log.debug("left the run directory as it is: %s", exc)
 
 
 def _new_dir(parent: Path, name: str) -> Path | None:

@@ -61,7 +61,7 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 from submitit.core.utils import JobPaths
 
-from halo.train import CONF_DIR  # also registers the ${halo_run_id:} resolver of hydra.run.dir
+from halo.train import CONF_DIR  # also registers the ${halo_run_name:} resolver of hydra.run.dir
 
 __all__ = ["TrainJob", "make_executor", "submit", "main", "Request", "Node", "Offer", "slurm_request",
            "partition_offer", "request_problems", "never_starts", "cannot_start_message", "StatusLine"]

@@ -756,6 +756,24 @@ class SlideDataset:
         """Per-row weights that balance the classes (for a weighted sampler)."""
         return self.class_weights()[self.labels]
 
+    def verify(self, i: int) -> LevelChoice:
+        """Row ``i``'s slide as :meth:`validate` checks it before its size check: the file opens, its
+        level is chosen (as :meth:`plan` chooses it), the tiles of that level lie inside the file and
+        one decodes; returns the choice.
+
+        Raises
+        ------
+        SlideOpenError, SlideReadError
+            The slide cannot be opened or read.
+        SlideResolutionError
+            Its level cannot be chosen.
+        """
+        r = self.rows[i]
+        slide = open_cached(r.path)
+        choice, _ = self._choose(r, slide)
+        slide.verify(choice.level)
+        return choice
+
     def plan(self, i: int) -> RegionPlan:
         """The region plan of row ``i`` at the row's own resolution (computed once, then cached).
 

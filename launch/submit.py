@@ -61,7 +61,7 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 from submitit.core.utils import JobPaths
 
-from halo.train import CONF_DIR  # also registers the ${halo_run_name:} resolver of hydra.run.dir
+from halo.train import CONF_DIR, check, forget_refused  # also registers the ${halo_run_name:} resolver of hydra.run.dir
 
 __all__ = ["TrainJob", "make_executor", "submit", "main", "Request", "Node", "Offer", "slurm_request",
            "partition_offer", "request_problems", "never_starts", "cannot_start_message", "StatusLine"]
@@ -517,6 +517,12 @@ def submit(cfg: DictConfig, run_dir: str | os.PathLike[str], out: Any = None,
         The command line's overrides, passed to every task (:class:`TrainJob`).
     """
     out = out or sys.stdout
+    try:  # a bad value refuses the job here, before anything is queued or written
+        check(cfg)
+    except ValueError as exc:
+        print(f"halo-submit: {exc}", file=sys.stderr, flush=True)
+        forget_refused()  # the empty directory Hydra made for it, if any
+        return 2
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     launcher = cfg.launcher

@@ -20,17 +20,18 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig
 
 from halo.train import CONF_DIR, check, forget_refused, run
 from launch.env import init_distributed, shutdown, slurm_restarts
-from launch.failure import guard
+from launch.failure import INPUT_EXIT_CODE, guard
 
-__all__ = ["main", "start", "resume_if_requeued", "result_line"]
+__all__ = ["main", "start", "resume_if_requeued", "result_line", "refuse_config"]
 
 log = logging.getLogger("halo.train")
 
@@ -78,10 +79,10 @@ def start(cfg: DictConfig, run_dir: str | None = None, *,
     """
     try:
         check(cfg)
-    except ValueError:
+    except ValueError as exc:
         if run_dir is None:  # Hydra's output directory, empty: halo writes .hydra/ once it has checked
             forget_refused()
-        raise
+        refuse_config(exc)
     resume_if_requeued(cfg)
     env = init_distributed(backend=cfg.dist.backend, timeout_s=float(cfg.dist.timeout_s))
     log.info("rank %d of %d (%s), local rank %d, resume=%s", env.rank, env.world_size, env.source, env.local_rank,
@@ -101,6 +102,27 @@ def start(cfg: DictConfig, run_dir: str | None = None, *,
             print(json.dumps(result_line(summary)), flush=True)
     shutdown()
     return summary
+
+
+def refuse_config(exc: ValueError, wait_s: float = 3.0) -> NoReturn:
+    """A config refused before any process group: rank 0 (by the launcher's variables) prints
+    ``halo-train: <why>`` once, and every rank exits with the bad-input status 2, no traceback.
+    The other ranks leave ``wait_s`` later, so that a launcher that stops the job when a rank exits
+    (torchrun, srun) does not stop rank 0 before it has said why."""
+    if _launcher_rank() == 0:
+        print(f"halo-train: {exc}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(wait_s)
+    raise SystemExit(INPUT_EXIT_CODE)
+
+
+def _launcher_rank() -> int:
+    """This process's rank as its launcher's environment gives it, before any process group (0: none)."""
+    for var in ("RANK", "SLURM_PROCID", "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -123,3 +123,64 @@ def test_a_missing_value_is_refused_before_running_naming_the_keys(overrides: li
     assert "data.classes=[" in str(err.value) or "data.classes" not in missing
     check(_compose("data=csv", "data.csv=cohort.csv", "data.classes=[normal,tumour]"))
     check(_compose("data=csv", "data.csv=cohort.csv", "mode=predict", "checkpoint=best.pt"))
+
+
+@pytest.mark.parametrize("override,key,hint", [
+    ("+train.epoch=1", "train.epoch", "train.epochs"),
+    ("+data.tissue.margni=0.1", "data.tissue.margni", "data.tissue.margin"),
+    ("+mesh.depth=2", "mesh.depth", None),
+])
+def test_a_key_added_with_plus_outside_the_schema_is_refused(override: str, key: str, hint: str | None) -> None:
+    """Hydra's advice for an unknown key is to add it with ``+``; the typed config then holds a key
+    nothing reads (``+train.epoch=1`` trained the default 8 epochs): refused, with the likely key."""
+    from halo.train.config import check
+
+    with pytest.raises(ValueError) as err:
+        check(_compose(override))
+    assert f"{key} is not a key of" in str(err.value), err.value
+    assert hint is None or f"did you mean {hint}?" in str(err.value), err.value
+    check(_compose("+head.options.k=3", "+launcher.additional_parameters.exclusive=true"))  # open mappings
+
+
+def test_a_bad_choice_is_named_before_missing_values() -> None:
+    """``mode=pred`` is a typo of a choice: say that, not that the training cohort is missing."""
+    from halo.train.config import check
+
+    with pytest.raises(ValueError, match="mode='pred' is not one of train, predict"):
+        check(_compose("data=csv", "mode=pred"))
+
+
+@pytest.mark.timeout(120)
+def test_a_refused_config_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(CONF_DIR).parent
+    out = subprocess.run([sys.executable, "-m", "halo.train", "data=csv", "mesh=1x1"], cwd=tmp_path, timeout=100,
+                         env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr
+    assert "halo-train: missing: data.classes, data.csv" in out.stderr, out.stderr
+
+
+def test_halo_submit_refuses_a_bad_config_before_queueing(tmp_path: Path, capsys) -> None:
+    from launch.submit import submit
+
+    assert submit(_compose("data=csv", "launcher=local"), tmp_path / "run") == 2
+    assert "halo-submit: missing: data.classes, data.csv" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing queued, no run directory
+
+
+@pytest.mark.parametrize("classes,needle", [
+    ("[tumour]", "data.classes=[tumour] names 1 class: a slide classifier needs at least 2"),
+    ("[normal,tumour,necrosis]", "data.classes names 3 classes (normal, tumour, necrosis) but model.num_classes=2: "
+                                 "add model.num_classes=3"),
+])
+def test_classes_and_num_classes_are_checked_before_running(classes: str, needle: str) -> None:
+    from halo.train.config import check
+
+    with pytest.raises(ValueError) as err:
+        check(_compose("data=csv", "data.csv=c.csv", f"data.classes={classes}"))
+    assert needle in str(err.value), err.value
+    check(_compose("data=csv", "data.csv=c.csv", "data.classes=[a,b,c]", "model.num_classes=3"))

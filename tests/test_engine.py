@@ -555,7 +555,7 @@ def test_model_and_checkpoint_mistakes_are_reported_once_as_bad_input(pool1, tmp
     """They were tracebacks with exit status 1, and left an empty run directory behind."""
     cohort = _write_cohort(tmp_path, {"a": "train", "b": "train", "c": "val", "d": "val"})
     message = pool1.run(_refused, str(cohort), str(tmp_path / "x1"), ["data.classes=[normal,tumour,other]"])[0]
-    assert "set model.num_classes=3" in message, message
+    assert "add model.num_classes=3" in message, message
     message = pool1.run(_refused, str(cohort), str(tmp_path / "x2"), ["model.name=timm:resnet_nonexistent"])[0]
     assert "model.name=timm:resnet_nonexistent" in message and "cannot be built" in message, message
     assert not (tmp_path / "x2").exists()

@@ -225,35 +225,76 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def check(cfg: DictConfig) -> DictConfig:
-    """Refuse a value outside :data:`CHOICES`, naming the key and what it may be; returns ``cfg``.
+    """Refuse, before anything runs, naming the key: a key outside the schema (added with ``+``), a
+    value outside :data:`CHOICES`, a missing value (``???``), classes that do not fit the model, and
+    values that do not fit together; returns ``cfg``.
 
     Raises
     ------
-    ValueError
+    halo.errors.InputError
+        A ``ValueError``: launchers print it once and exit with status 2.
     """
     from omegaconf import OmegaConf
 
+    from halo.errors import InputError
+
+    unknown = _unknown_keys(cfg, Config, "")
+    if unknown:
+        raise InputError("; ".join(unknown))
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and str(value) not in allowed:
+            raise InputError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if OmegaConf.select(cfg, "mode") == "predict":  # the checkpoint names its classes
         missing = [k for k in missing if k != "data.classes"]
     if missing:
         hints = {"data.csv": "data.csv=<cohort.csv>", "data.classes": "data.classes=[normal,tumour]"}
-        raise ValueError(f"missing: {', '.join(missing)}: give "
+        raise InputError(f"missing: {', '.join(missing)}: give "
                          + " ".join(hints.get(k, f"{k}=<value>") for k in missing) + " on the command line")
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and str(value) not in allowed:
-            raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    classes = OmegaConf.select(cfg, "data.classes", default=None)
+    if classes is not None and OmegaConf.select(cfg, "mode") == "train":  # predict: the checkpoint's
+        names = [str(c) for c in classes]
+        if len(names) < 2:
+            raise InputError(f"data.classes=[{','.join(names)}] names {len(names)} class: a slide classifier needs at "
+                             "least 2 (e.g. data.classes=[normal,tumour])")
+        n = OmegaConf.select(cfg, "model.num_classes")
+        if n is not None and int(n) != len(names):
+            raise InputError(f"data.classes names {len(names)} classes ({', '.join(names)}) but model.num_classes={n}: "
+                             f"add model.num_classes={len(names)}")
     blocks = OmegaConf.select(cfg, "blocks")
     if blocks:
         if len(blocks) != 2 or min(int(b) for b in blocks) < 1:
-            raise ValueError(f"blocks={list(blocks)!r} must be [rows, cols], both >= 1 (or [] to shard over the mesh)")
+            raise InputError(f"blocks={list(blocks)!r} must be [rows, cols], both >= 1 (or [] to shard over the mesh)")
         if OmegaConf.select(cfg, "mode") != "predict":
-            raise ValueError(f"blocks={list(blocks)!r} is for mode=predict (training shards over mesh.rows x mesh.cols)")
+            raise InputError(f"blocks={list(blocks)!r} is for mode=predict (training shards over mesh.rows x mesh.cols)")
     canvas = OmegaConf.select(cfg, "data.canvas")
     if canvas is not None and int(canvas) < 0:
-        raise ValueError(f"data.canvas={canvas!r} must be 0 (pad only as the mesh needs) or a positive multiple")
+        raise InputError(f"data.canvas={canvas!r} must be 0 (pad only as the mesh needs) or a positive multiple")
     return cfg
+
+
+def _unknown_keys(node: Any, schema: type, prefix: str) -> list[str]:
+    """Keys of ``node`` that its dataclass ``schema`` (and theirs, below) does not have: what Hydra's
+    ``+key=value`` adds past the typed config, which nothing reads. Open mappings
+    (``head.options``, ``launcher.additional_parameters``) take any key."""
+    import dataclasses
+    import difflib
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    problems = []
+    for key in node:
+        path = f"{prefix}{key}"
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            problems.append(f"{path} is not a key of {prefix.rstrip('.') or 'the config'}"
+                            + (f" (did you mean {prefix}{near[0]}?)" if near else "")
+                            + f": it would be ignored; its keys are {', '.join(names)}")
+        elif dataclasses.is_dataclass(hints.get(key)) and isinstance(node[key], DictConfig):
+            problems += _unknown_keys(node[key], hints[key], f"{path}.")
+    return problems
 
 
 def tissue_options(data: DictConfig):

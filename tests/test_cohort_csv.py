@@ -104,6 +104,11 @@ def test_labels_match_case_insensitively_and_a_refusal_suggests_the_class(tmp_pa
     bad = _write(tmp_path / "d.csv", ["slide", "label"], [["s0.tif", "tumor"]])
     with pytest.raises(hd.ManifestError, match=r"label 'tumor' is not one of.*did you mean 'tumour'"):
         _ds(bad, validate=False)
+    # an empty label in training: said as missing, with what to do (not "label '' is not one of")
+    empty = _write(tmp_path / "g.csv", ["slide", "label"], [["s0.tif", "tumour"], ["s1.tif", ""]])
+    with pytest.raises(hd.ManifestError, match=r"line 3, slide 's1' .*: no label; training needs one on every "
+                                               r"row: give it, leave the row out, or predict unlabelled slides"):
+        _ds(empty, validate=False)
     # classes that differ only by case: exact matches only
     both = _write(tmp_path / "e.csv", ["slide", "label"], [["s0.tif", "A"], ["s1.tif", "a"]])
     assert [r.label for r in _ds(both, validate=False, classes=["a", "A"]).all_rows] == [1, 0]

@@ -70,6 +70,7 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
     assert "line 4" in probs[1] and "broken.svs" in probs[1] and "SlideOpenError" in probs[1]
     assert "line 5" in probs[2] and "'cancer'" in probs[2] and "good2.tif" in probs[2]
     assert "line 6" in probs[3] and "tiny.tif" in probs[3] and "too small" in probs[3]
+    assert "read it at a finer resolution" in probs[3] and "use a smaller mesh" in probs[3], probs[3]
     assert "line 7" in probs[4] and "nompp.tif" in probs[4] and "mpp" in probs[4]
 
 

@@ -414,7 +414,11 @@ class SlideDataset:
                 path = self._resolve(entry)
                 where = _PENDING  # slide_ref(line, key, path) once the keys are known (below)
                 label = -1 if not self.labels_required and not rec.get("label") else self._label(rec.get("label", ""))
-                if label is None:
+                if label is None and not rec.get("label"):
+                    problems.append((line, f"{where}: no label; training needs one on every row: give it, leave "
+                                           f"the row out, or predict unlabelled slides with mode=predict"))
+                    label = -1
+                elif label is None:
                     problems.append((line, f"{where}: label {rec.get('label', '')!r} is not one of {self.classes}"
                                            f"{self._did_you_mean(rec.get('label', ''))}"))
                     label = -1
@@ -679,7 +683,8 @@ class SlideDataset:
                             f"{where}: too small for the grid: {ht} x {wt} (H x W) at level "
                             f"{ch.level}, downsample {ch.downsample:g}; a grid of {rows} x {cols} (rows x cols) "
                             f"with multiple {self.multiple} needs at least {rows * self.multiple} x "
-                            f"{cols * self.multiple} (H x W)"
+                            f"{cols * self.multiple} (H x W): read it at a finer resolution (its mpp or level "
+                            f"column, data.mpp), use a smaller mesh, or leave the row out"
                         ))
             except (SlideOpenError, SlideReadError) as exc:
                 unreadable.append((r.line, _reason(exc), getattr(exc, "reader", None) or ""))

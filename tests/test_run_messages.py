@@ -145,10 +145,11 @@ def test_progress_without_a_terminal_logs_plain_lines(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="halo.train"):
         p = Progress(total=5, desc="epoch 3", file=out, every_s=30.0, clock=lambda: next(clock))
         for _ in range(5):
-            p.update(loss=0.5)
+            p.update(last_slide_loss=0.5)
         p.close()
     lines = [r.getMessage() for r in caplog.records if r.name == log.name]
     assert out.getvalue() == "", out.getvalue()
+    assert lines[-1].endswith("s elapsed, last slide loss 0.500"), lines  # not "loss": the epoch's is another
     assert [line.split(",")[0] for line in lines] == ["epoch 3: 2/5 slides", "epoch 3: 4/5 slides",
                                                       "epoch 3: 5/5 slides"], lines
     forced = io.StringIO()

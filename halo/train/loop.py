@@ -81,7 +81,7 @@ class Progress:
         now = self._clock()
         if self.n >= self.total or now - self._last >= self.every_s:
             self._last = now
-            extra = "".join(f", {k} {_shown(v)}" for k, v in postfix.items())
+            extra = "".join(f", {k.replace('_', ' ')} {_shown(v)}" for k, v in postfix.items())
             log.info("%s: %d/%d %ss, %.1f s elapsed%s", self.desc, self.n, self.total, self.unit, now - self._start,
                      extra)
 
@@ -216,7 +216,7 @@ def train_epoch(job: Job, source: SlideSource, ddp: DDP, opt, sched, ds: SlideDa
                 total += loss.detach()
                 count += 1
             if bar is not None:
-                bar.update(1, loss=loss.item)
+                bar.update(1, last_slide_loss=loss.item)  # the epoch line gives the mean
     if bar is not None:
         bar.close()
     # every group's sum counts once; every rank of a group holds the same loss

@@ -20,12 +20,15 @@ import numpy as np
 __all__ = ["slide_metrics", "write_predictions", "region_thumbnail", "save_heatmap"]
 
 
-def slide_metrics(labels: Sequence[int], probs: np.ndarray, num_classes: int) -> dict[str, float]:
+def slide_metrics(labels: Sequence[int], probs: np.ndarray, num_classes: int,
+                  classes: Sequence[str] | None = None) -> dict[str, float]:
     """AUC, balanced accuracy, F1, the confusion matrix and the log loss of slide predictions.
 
     ``probs`` is ``(n_slides, num_classes)``. AUC is NaN (with a warning) when the labels
-    hold a single class. ``loss`` is the mean cross-entropy of the probabilities
-    (``sklearn.metrics.log_loss``), which ranks epochs of equal AUC (:func:`halo.train.train`).
+    hold a single class; with more than two classes it is the one-vs-rest mean over the classes
+    the labels hold (a warning names the absent ones, by ``classes`` where given). ``loss`` is the
+    mean cross-entropy of the probabilities (``sklearn.metrics.log_loss``), which ranks epochs of
+    equal AUC (:func:`halo.train.train`).
     """
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, log_loss, roc_auc_score
 
@@ -39,7 +42,13 @@ def slide_metrics(labels: Sequence[int], probs: np.ndarray, num_classes: int) ->
     elif num_classes == 2:
         out["auc"] = float(roc_auc_score(y, p[:, 1]))
     else:
-        out["auc"] = float(roc_auc_score(y, p, multi_class="ovr", labels=list(range(num_classes))))
+        present = [int(c) for c in np.unique(y)]
+        absent = [c for c in range(num_classes) if c not in present]
+        if absent:
+            names = [str(classes[c]) if classes is not None else str(c) for c in absent]
+            warnings.warn(f"validation holds no slide of class {', '.join(names)}: AUC is the one-vs-rest mean over "
+                          f"the {len(present)} classes it holds", RuntimeWarning, stacklevel=2)
+        out["auc"] = float(np.mean([roc_auc_score(y == c, p[:, c]) for c in present]))
     out["balanced_accuracy"] = float(balanced_accuracy_score(y, pred)) if len(y) else math.nan
     # cross-entropy of the predicted probabilities: breaks ties between epochs of equal AUC
     total = p.sum(1, keepdims=True)  # float32 softmax rows: sum to 1 within rounding only

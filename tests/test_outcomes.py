@@ -67,6 +67,27 @@ def test_slide_metrics_hold_the_log_loss() -> None:
     assert out["loss"] == pytest.approx(log_loss([0, 1, 1], probs, labels=[0, 1]))
 
 
+def test_auc_over_the_classes_validation_holds() -> None:
+    """Three classes, validation holds two: AUC is the one-vs-rest mean over those two (sklearn
+    warned "Only one class is present in y_true" and gave NaN), and the warning names the absent one."""
+    import warnings
+
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from halo.evaluate import slide_metrics
+
+    y = [0, 0, 1, 1, 0]
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.7, 0.2], [0.3, 0.4, 0.3], [0.5, 0.1, 0.4]])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = slide_metrics(y, probs, 3, classes=["normal", "tumour", "necrosis"])
+    want = np.mean([roc_auc_score(np.equal(y, c), probs[:, c]) for c in (0, 1)])
+    assert out["auc"] == pytest.approx(want), out
+    assert [str(w.message) for w in seen] == [
+        "validation holds no slide of class necrosis: AUC is the one-vs-rest mean over the 2 classes it holds"]
+
+
 AUCS = [0.9, 1.0, 1.0, 1.0]
 LOSSES = [0.2, 0.5, 0.5, 0.6]
 

@@ -74,7 +74,7 @@ def evaluate(job: Job, source: SlideSource, ds: SlideDataset, heatmaps: bool) ->
     labelled = [r for r in all_rows if r["label"] is not None]
     if labelled:
         metrics = slide_metrics([r["label"] for r in labelled], np.array([r["probs"] for r in labelled]),
-                                len(job.classes))
+                                len(job.classes), classes=job.classes)
     return metrics, all_rows
 
 

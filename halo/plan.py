@@ -50,8 +50,9 @@ Communication does not overlap computation unless ``--overlap``: the default is 
 
 The command line plans what ``halo-train`` builds (``halo.models.build_classifier``) on an
 image of ``--image HEIGHT WIDTH`` pixels, or on the padded region training reads from each
-slide (``--slide``, ``--csv``: planned by ``halo.data.SlideDataset`` itself); the flags it shares
-with ``halo-train`` (mesh, head, classes, checkpointing, mpp, level) default to halo-train's own
+slide (``--slide``, ``--csv``: read and planned by ``halo.data.SlideDataset`` itself, as training
+reads ``data.csv``: its delimiter, header aliases and ``--columns``, labels not read); the flags it shares
+with ``halo-train`` (model, mesh, head, classes, checkpointing, mpp, level) default to halo-train's own
 defaults (:func:`train_defaults`), so that a plan with defaults is of the run with defaults. Sizes are
 ``(height, width)`` throughout and printed ``H x W``; ``halo.data``'s sizes are
 ``(width, height)``.
@@ -63,6 +64,7 @@ import argparse
 import functools
 import itertools
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -1543,65 +1545,86 @@ class SlidePlan:
                                      "param_bytes", "flops_per_rank", "gpu_memory_bytes", "fits")}}
 
 
-class _Cohort:
-    """The slides to plan, as a manifest ``halo.data.SlideDataset`` reads (the class training
-    uses, so that level choice, tissue box and padding are training's own). ``--slide`` paths
-    become a one-column manifest in a temporary folder; labels only satisfy the manifest."""
+@functools.cache
+def _halo_plan_words(text: str) -> str:
+    """A ``halo.data`` message in halo-plan's words: ``data.columns.X=`` is ``--columns X=``."""
+    return re.sub(r"data\.columns\.(\w+)=", r"--columns \1=", text)
 
-    def __init__(self, *, slides: Sequence[str] | None, csv_path: str | None, root: str | None) -> None:
+
+class _Cohort:
+    """The slides to plan, read by ``halo.data.SlideDataset`` (the class training uses, so that the
+    CSV's delimiter and headers, level choice, tissue box and padding are training's own), as
+    ``halo-train`` builds it for prediction: ``labels_required=False``, ``derive_split=False``,
+    ``columns`` (data.columns) from ``--columns``; labels are not read (``read_labels=False``).
+    ``--csv`` is read where it is; ``--slide`` paths become a one-column manifest in a temporary
+    folder, and messages name each slide as given, never that manifest."""
+
+    def __init__(self, *, slides: Sequence[str] | None, csv_path: str | None, root: str | None,
+                 columns: dict[str, str] | None = None) -> None:
         import csv
         import os
         import tempfile
 
-        self._tmp = tempfile.TemporaryDirectory(prefix="halo-plan-")
+        self._tmp = None
         self.root = root
+        self.columns = dict(columns or {})
         if slides is not None:
+            seen: dict[str, str] = {}
+            for s in slides:
+                if not s.strip():
+                    raise ValueError("--slide: an empty path")
+                real = os.path.realpath(s)
+                if real in seen:
+                    raise ValueError(f"--slide {s}: the same file as {seen[real]}; give each slide once")
+                seen[real] = s
+            self._tmp = tempfile.TemporaryDirectory(prefix="halo-plan-")
             self.keys = list(slides)
             self.csv = os.path.join(self._tmp.name, "slides.csv")
             with open(self.csv, "w", newline="") as fh:
                 wr = csv.writer(fh)
-                wr.writerow(["slide", "label"])
-                wr.writerows([os.path.abspath(s), "slide"] for s in slides)
-            self.classes = ["slide"]
+                wr.writerow(["slide"])
+                wr.writerows([os.path.abspath(s)] for s in slides)
+            self.columns = {}
             return
         self.keys = None
         self.csv = csv_path
         if not os.path.isfile(csv_path):
             raise FileNotFoundError(f"--csv {csv_path}: no such file")
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            fields = [c.strip() for c in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
-        if "slide" not in fields:
-            raise ValueError(f"--csv {csv_path}: no 'slide' column (found {fields})")
-        if "label" not in fields:  # halo-plan needs no labels: a copy with one, paths still relative to the CSV's folder
-            self.root = root if root is not None else os.path.dirname(os.path.abspath(csv_path))
-            self.csv = os.path.join(self._tmp.name, "cohort.csv")
-            with open(self.csv, "w", newline="") as fh:
-                wr = csv.DictWriter(fh, fieldnames=[*fields, "label"])
-                wr.writeheader()
-                wr.writerows({**r, "label": "slide"} for r in rows)
-        self.classes = list(dict.fromkeys(r.get("label", "slide") for r in rows)) or ["slide"]
 
     def dataset(self, grid: tuple[int, int], multiple: int, mpp: float | None, level: int | None, tissue):
         from halo.data import SlideDataset
 
-        return SlideDataset(self.csv, self.classes, grid=grid, multiple=multiple, mpp=mpp, level=level,
-                            root=self.root, tissue=tissue, validate=False)
+        return SlideDataset(
+            self.csv, ["slide"], grid=grid, multiple=multiple, mpp=mpp, level=level, split=None, strict=False,
+            root=self.root, record_dir=None, tissue=tissue, labels_required=False, read_labels=False, derive_split=False,
+            columns=self.columns or None, report=False, validate=False)
+
+    def problem(self, e: Exception) -> str:
+        """A ``halo.data.ManifestError`` as halo-plan says it: the user's CSV (or ``--slide``) named,
+        halo-plan's own options suggested."""
+        text = _halo_plan_words(str(e))
+        if self._tmp is not None:
+            text = text.replace(self.csv, "--slide")
+        return text
 
     def key(self, ds, i: int) -> str:
         return self.keys[i] if self.keys is not None else ds.rows[i].slide_id
 
     def ref(self, ds, i: int) -> str:
-        """How a problem names row ``i``: ``halo.data.slide_ref`` (CSV line, key, path) for --csv; the
-        slide as given and its path for --slide (whose manifest is halo-plan's own)."""
+        """How a problem names row ``i``: ``halo.data.slide_ref`` (CSV line, key, path) for --csv; for
+        --slide (whose manifest is halo-plan's own) the slide as given, then its path where that
+        differs (a relative path given)."""
         from halo.data import slide_ref
 
         r = ds.rows[i]
-        return f"slide {self.keys[i]!r} ({r.path})" if self.keys is not None else slide_ref(r.line, r.slide_id, r.path)
+        if self.keys is None:
+            return slide_ref(r.line, r.slide_id, r.path)
+        key = self.keys[i]
+        return f"slide {key!r}" if key == r.path else f"slide {key!r} ({r.path})"
 
     def close(self) -> None:
-        self._tmp.cleanup()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 def plan_slide(region, *, key: str, model: nn.Module, name: str, traced: Trace, **kwargs) -> SlidePlan:
@@ -1641,6 +1664,23 @@ def _tissue(items: Sequence[str]):
     return TissueOptions(**kwargs)
 
 
+def _columns(items: Sequence[str]) -> dict[str, str]:
+    """``--columns COLUMN=HEADER`` pairs as ``halo.data.SlideDataset``'s ``columns`` (data.columns)."""
+    from halo.data.dataset import COLUMNS
+
+    columns: dict[str, str] = {}
+    for item in items:
+        key, sep, header = item.partition("=")
+        key = key.strip()
+        if not sep or key not in COLUMNS or not header.strip():
+            raise ValueError(f"--columns {item}: expected COLUMN=HEADER with COLUMN one of {list(COLUMNS)} "
+                             f"(data.columns.COLUMN) and HEADER a header of the CSV")
+        if key in columns:
+            raise ValueError(f"--columns {item}: {key} is named twice")
+        columns[key] = header
+    return columns
+
+
 def _slide_line(s: SlidePlan, width: int) -> str:
     h, w = s.padded_hw
     bh, bw = s.block_hw
@@ -1674,7 +1714,7 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
 
     try:
         tissue = _tissue(a.tissue)
-        cohort = _Cohort(slides=a.slide, csv_path=a.csv, root=a.root)
+        cohort = _Cohort(slides=a.slide, csv_path=a.csv, root=a.root, columns=_columns(a.columns))
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     kwargs = dict(dtype=a.dtype, batch=a.batch, checkpointing=a.checkpointing, gpu_memory=a.gpu_memory * GB)
@@ -1683,7 +1723,7 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
         try:
             ds = cohort.dataset(mesh, traced.stride, a.mpp, a.level, tissue)
         except ManifestError as e:
-            print(f"halo-plan: {e}", file=sys.stderr)
+            print(f"halo-plan: {cohort.problem(e)}", file=sys.stderr)
             return 2
         planned: list[tuple[int, SlidePlan]] = []
         failed: list[dict] = []  # key, path, why, how named, CSV line, unreadable, reader
@@ -1743,7 +1783,7 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
             out["time"] = total
         print(json.dumps(out, indent=2))
         return 1 if failed else 0
-    print(f"halo-plan: {a.model} with a {a.head} head (total stride {traced.stride}) on a {mesh[0]} x {mesh[1]} mesh"
+    print(f"halo-plan: {a.model}{_default_note(a, 'model')} with a {a.head} head (total stride {traced.stride}) on a {mesh[0]} x {mesh[1]} mesh"
           f"{_default_note(a, 'mesh')}, batch {a.batch}, {a.dtype}{', checkpointing' if a.checkpointing else ''}, "
           f"{a.gpu_memory:g} GB per GPU; {_resolution_note(a)}; sizes are H x W (height x width) pixels at the level "
           f"read")
@@ -1784,7 +1824,7 @@ def _check_readable(ds, i: int) -> None:
     ds.verify(i)  # at the level training reads the row at (SlideDataset.plan's own choice)
 
 
-TRAIN_DEFAULTS = ("mesh", "head", "num_classes", "checkpointing", "mpp", "level")
+TRAIN_DEFAULTS = ("model", "mesh", "head", "num_classes", "checkpointing", "mpp", "level")
 """The flags whose defaults are halo-train's (:func:`train_defaults`), not restated here."""
 
 
@@ -1794,8 +1834,8 @@ def train_defaults() -> dict:
 
     Composed as ``halo-train data=csv`` composes its config (``conf/config.yaml`` over the typed
     schema of :mod:`halo.train.config`; your slides are read with ``data=csv``), so that a plan
-    made with defaults is of the regions and mesh a training run with defaults reads. Keys:
-    ``mesh`` ``(rows, cols)``, ``head``, ``num_classes``, ``checkpointing``, ``mpp``, ``level``
+    made with defaults is of the model, regions and mesh a training run with defaults reads. Keys:
+    ``model`` (``model.name``), ``mesh`` ``(rows, cols)``, ``head``, ``num_classes``, ``checkpointing``, ``mpp``, ``level``
     and ``source`` (where they came from). Outside a usable config directory (or inside another
     Hydra application) the schema's dataclass defaults are used.
     """
@@ -1816,7 +1856,8 @@ def train_defaults() -> dict:
         from halo.train.config import Config
 
         cfg, source = OmegaConf.structured(Config), "halo.train.config's schema"
-    return {"mesh": (int(cfg.mesh.rows), int(cfg.mesh.cols)), "head": str(cfg.head.name),
+    return {"model": str(cfg.model.name), "mesh": (int(cfg.mesh.rows), int(cfg.mesh.cols)),
+            "head": str(cfg.head.name),
             "num_classes": int(cfg.model.num_classes), "checkpointing": bool(cfg.train.checkpointing),
             "mpp": None if cfg.data.mpp is None else float(cfg.data.mpp),
             "level": None if cfg.data.level is None else int(cfg.data.level), "source": source}
@@ -1852,10 +1893,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="plan an image of HEIGHT x WIDTH pixels (height first)")
     src.add_argument("--slide", nargs="+", metavar="PATH", help="plan the padded tissue region of each slide")
     src.add_argument("--csv", metavar="COHORT.csv",
-                     help="plan every slide of a manifest (its 'slide' column; relative paths from the CSV's folder)")
-    p.add_argument("--model", required=True,
-                   help="model.name as halo-train takes it: halo_tiny[_WIDTH], a torchvision name (resnet50) "
-                        "or timm:<name>")
+                     help="plan every slide of a manifest, read as halo-train reads data.csv (delimiter , ; tab or "
+                          "|; headers matched by halo.data.ALIASES or --columns; relative paths from the CSV's "
+                          "folder; labels, if any, are not read)")
+    p.add_argument("--model", default=_UNSET,
+                   help=f"model.name as halo-train takes it: halo_tiny[_WIDTH], a torchvision name (resnet50) "
+                        f"or timm:<name> (default halo-train's: {d['model']})")
     p.add_argument("--head", choices=HEADS, default=_UNSET,
                    help=f"head.name (default halo-train's: {d['head']})")
     p.add_argument("--num-classes", type=int, default=_UNSET,
@@ -1878,6 +1921,9 @@ def _parser() -> argparse.ArgumentParser:
                         f"(data.level; default halo-train's: {d['level']})")
     p.add_argument("--root", default=None, help="folder relative slide paths of --csv resolve against "
                                                "(data.root; default the CSV's folder)")
+    p.add_argument("--columns", nargs="+", default=[], metavar="COLUMN=HEADER",
+                   help="with --csv: the header read as each column, where halo.data.ALIASES does not match it "
+                        "(data.columns), e.g. slide=Image patient=MRN 'label=Final Dx'")
     p.add_argument("--tissue", nargs="+", default=[], metavar="KEY=VALUE",
                    help="halo.data.TissueOptions fields (data.tissue), e.g. floor=0.05 enabled=false")
     p.add_argument("--max-mesh", type=int, default=64, metavar="N",
@@ -2001,6 +2047,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--mesh, --batch, --num-classes and --max-mesh must be positive")
     if a.image is not None and (a.level is not None or a.root is not None or a.tissue):
         p.error("--level, --root and --tissue apply to --slide and --csv, not --image")
+    if a.csv is None and a.columns:
+        p.error("--columns applies to --csv (the headers of your CSV)")
+    try:
+        _columns(a.columns)
+    except ValueError as e:
+        p.error(str(e))
     if a.image is None and (a.measure or a.measure_rank is not None):
         p.error("--measure and --measure-rank apply to --image")
     if a.measure_rank is not None and not (0 <= a.measure_rank[0] < a.mesh[0] and 0 <= a.measure_rank[1] < a.mesh[1]):
@@ -2009,7 +2061,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = build_classifier(a.model, a.num_classes, head=a.head)
         traced = trace_model(model)
     except (ValueError, HaloNotSupportedError) as e:
-        print(f"halo-plan: --model {a.model} --head {a.head}: {e}", file=sys.stderr)
+        print(f"halo-plan: --model {a.model}{_default_note(a, 'model')} --head {a.head}: {e}", file=sys.stderr)
         return 2
     if a.image is None:
         return _plan_slides(a, p, model, traced)
@@ -2047,7 +2099,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
         return status
     s = result.summary()
-    print(f"{a.model} with a {a.head} head on {s['image'][0]} x {s['image'][1]} (H x W; padded {s['padded_image'][0]} x "
+    print(f"{a.model}{_default_note(a, 'model')} with a {a.head} head on {s['image'][0]} x {s['image'][1]} (H x W; padded {s['padded_image'][0]} x "
           f"{s['padded_image'][1]}), mesh {a.mesh[0]} x {a.mesh[1]}{_default_note(a, 'mesh')}, block {s['block'][0]} x "
           f"{s['block'][1]}, "
           f"batch {a.batch}, {a.dtype}"

@@ -287,11 +287,12 @@ def test_a_slide_that_cannot_be_planned_is_named_and_fails(tmp_path: Path, capsy
     rc, out = _run_main(capsys, "--model", "halo_tiny", "--slide", str(good), str(tmp_path / "missing.tif"))
     assert rc == 1
     missing = tmp_path / "missing.tif"
-    assert len(_slide_lines(out)) == 2 and f"  slide '{missing}' ({missing}): cannot plan: " in out, out
+    assert len(_slide_lines(out)) == 2 and f"  slide '{missing}': cannot plan: " in out, out
 
 
 def _failed_line(out: str, path: Path) -> str:
-    [line] = [line for line in _slide_lines(out) if f"({path})" in line]
+    """The line naming ``path``: ``(path)`` after a CSV key, ``'path'`` for a --slide given by it."""
+    [line] = [line for line in _slide_lines(out) if f"({path})" in line or f"slide '{path}':" in line]
     return line
 
 
@@ -450,3 +451,118 @@ def test_real_aperio_slide(tmp_path: Path, capsys) -> None:
         assert padded % 64 == 0 and content <= padded < content + 64, s
     assert s["padded_hw"][0] > s["padded_hw"][1]  # portrait: 2967 rows, 2220 columns
     assert got["smallest_square_mesh"]["n"] == 1 and got["smallest_square_mesh"]["slide"] == str(path)
+
+
+# -- --csv read as training reads it; --model's default; a slide named once ---------------------------------------
+
+
+def _hospital_csv(path: Path, header: list[str], rows: list[list[str]], delimiter: str) -> Path:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        wr = csv.writer(fh, delimiter=delimiter)
+        wr.writerow(header)
+        wr.writerows(rows)
+    return path
+
+
+def _training_dataset(csv_path: Path, grid: tuple[int, int], mpp: float | None, multiple: int = 16,
+                      columns: dict[str, str] | None = None, classes: tuple[str, ...] = ("slide",)) -> SlideDataset:
+    """The dataset halo-train's ``SlideSource.dataset`` builds for prediction (unlabelled rows welcome)."""
+    return SlideDataset(csv_path, list(classes), grid=grid, multiple=multiple, mpp=mpp, level=None, split=None,
+                        strict=False, root=None, record_dir=None, labels_required=False, derive_split=False,
+                        columns=columns, report=False, validate=False)
+
+
+def test_csv_reads_a_semicolon_hospital_export_as_training_does(tmp_path: Path, capsys) -> None:
+    """A ``;``-delimited export with ``Patient ID;Slide Path;Diagnosis;Accession`` headers: the
+    delimiter sniffed and the headers matched by halo.data.ALIASES, as training reads it; its
+    diagnoses are not halo-plan's concern, and no message names a file the user did not write."""
+    sub = tmp_path / "scans"
+    sub.mkdir()
+    write_slide(sub / "s1.tif", noise_slide_image(600, 400, tissue=(40, 30, 500, 300)), mpp=0.5)
+    write_slide(sub / "s2.tif", noise_slide_image(300, 300, seed=1, tissue=(10, 10, 250, 250)), mpp=0.5)
+    header = ["Patient ID", "Slide Path", "Diagnosis", "Accession"]
+    rows = [["P1", "scans/s1.tif", "Adenocarcinoma", "A-1"], ["P2", "scans/s2.tif", "benign", "A-2"]]
+    csv_path = _hospital_csv(tmp_path / "export.csv", header, rows, ";")
+    rc, out = _run_main(capsys, "--model", "halo_tiny", "--csv", str(csv_path), "--mesh", "2", "1", "--mpp", "1.0")
+    assert rc == 0, out
+    lines = _slide_lines(out)
+    assert [line.split()[0] for line in lines] == ["scans/s1", "scans/s2"], out
+    ds = _training_dataset(csv_path, (2, 1), 1.0, classes=("Adenocarcinoma", "benign"))
+    for i, line in enumerate(lines):
+        assert _padded(line) == ds.plan(i).shape(), (line, ds.plan(i).shape())
+
+
+def test_csv_with_a_diagnosis_and_no_label_column_invents_none(tmp_path: Path, capsys) -> None:
+    """The comma copy of that export, its slide header renamed ``slide``: ``Diagnosis`` is its label
+    column, and halo-plan adds no ``label`` column of its own beside it (nor a temporary copy)."""
+    write_slide(tmp_path / "s1.tif", noise_slide_image(600, 400, tissue=(40, 30, 500, 300)), mpp=0.5)
+    rows = [["P1", "s1.tif", "Adenocarcinoma", "A-1"]]
+    comma = _hospital_csv(tmp_path / "cohort.csv", ["Patient ID", "slide", "Diagnosis", "Accession"], rows, ",")
+    rc, out = _run_main(capsys, "--model", "halo_tiny", "--csv", str(comma), "--mesh", "2", "1", "--mpp", "1.0")
+    assert rc == 0 and "halo-plan-" not in out, out
+    [line] = _slide_lines(out)
+    assert line.split()[0] == "s1" and _padded(line) == _training_dataset(
+        comma, (2, 1), 1.0, classes=("Adenocarcinoma",)).plan(0).shape(), out
+
+
+def test_csv_columns_option_and_messages_name_the_users_csv(tmp_path: Path, capsys) -> None:
+    """``--columns COLUMN=HEADER`` is data.columns; a manifest problem names the user's own CSV and
+    halo-plan's own option, never a temporary copy or data.columns."""
+    write_slide(tmp_path / "a.tif", noise_slide_image(300, 300, tissue=(10, 10, 250, 250)), mpp=0.5)
+    csv_path = _hospital_csv(tmp_path / "export.csv", ["MRN", "Image", "Final Dx"], [["1", "a.tif", "x"]], "\t")
+    rc = main(["--model", "halo_tiny", "--csv", str(csv_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(csv_path) in err and "--columns slide=" in err, err
+    assert "data.columns" not in err and "halo-plan-" not in err, err
+    rc = main(["--model", "halo_tiny", "--csv", str(csv_path), "--columns", "slide=Nope"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(csv_path) in err and "--columns slide='Nope' names no column" in err and "data.columns" not in err, err
+    with pytest.raises(SystemExit):
+        main(["--model", "halo_tiny", "--csv", str(csv_path), "--columns", "colour=Image"])
+    err = capsys.readouterr().err
+    assert "--columns colour=Image" in err and "slide" in err, err
+    two = _hospital_csv(tmp_path / "two.csv", ["slide", "Diagnosis", "label"], [["a.tif", "x", "y"]], ",")
+    rc = main(["--model", "halo_tiny", "--csv", str(two)])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(two) in err and "--columns label=<header>" in err and "halo-plan-" not in err, err
+
+
+def test_csv_columns_names_the_headers_training_reads(tmp_path: Path, capsys) -> None:
+    """``--columns slide=Image patient=MRN`` plans the region training reads with data.columns."""
+    write_slide(tmp_path / "a.tif", noise_slide_image(300, 300, tissue=(10, 10, 250, 250)), mpp=0.5)
+    csv_path = _hospital_csv(tmp_path / "export.csv", ["MRN", "Image", "Final Dx"], [["1", "a.tif", "x"]], "\t")
+    rc, out = _run_main(capsys, "--model", "halo_tiny", "--csv", str(csv_path), "--columns", "slide=Image",
+                        "patient=MRN", "--mesh", "1", "1", "--mpp", "1.0")
+    assert rc == 0, out
+    [line] = _slide_lines(out)
+    assert line.split()[0] == "a" and _padded(line) == _training_dataset(
+        csv_path, (1, 1), 1.0, columns={"slide": "Image"}).plan(0).shape(), out
+
+
+def test_model_defaults_to_halo_trains(tmp_path: Path, capsys) -> None:
+    """Without --model, halo-train's model.name (halo_tiny), said to be its default."""
+    from halo.plan import train_defaults
+
+    assert train_defaults()["model"] == "halo_tiny"
+    rc, out = _run_main(capsys, "--image", "128", "96", "--mesh", "1", "1")
+    assert rc == 0, out
+    assert out.startswith("halo_tiny (halo-train's default) with a "), out
+    path = write_slide(tmp_path / "a.tif", noise_slide_image(300, 300, tissue=(10, 10, 250, 250)), mpp=0.5)
+    rc, out = _run_main(capsys, "--slide", str(path), "--mpp", "1.0", "--json")
+    got = json.loads(out)
+    assert rc == 0 and got["model"] == "halo_tiny" and "model" in got["defaults_from_halo_train"], got
+    rc, out = _run_main(capsys, "--slide", str(path), "--mpp", "1.0")
+    assert out.startswith("halo-plan: halo_tiny (halo-train's default) with a "), out
+
+
+def test_a_slide_given_by_its_path_is_named_once(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A --slide that cannot be planned is named by what was given; its path follows only when that
+    says more (a relative path given)."""
+    missing = tmp_path / "missing.tif"
+    rc, out = _run_main(capsys, "--model", "halo_tiny", "--slide", str(missing))
+    assert rc == 1 and f"  slide '{missing}': cannot plan: " in out and f"({missing})" not in out, out
+    monkeypatch.chdir(tmp_path)
+    rc, out = _run_main(capsys, "--model", "halo_tiny", "--slide", "missing.tif")
+    assert rc == 1 and f"  slide 'missing.tif' ({missing}): cannot plan: " in out, out

@@ -269,6 +269,9 @@ class SlideDataset:
     labels_required:
         Every row needs a label (training). False (prediction): the ``label`` column may be
         absent and entries empty; such rows get label ``-1``.
+    read_labels:
+        False (halo-plan, which plans regions, whatever their class): every row gets label ``-1``,
+        whatever its label entry says; use with ``labels_required=False``.
     derive_split:
         Derive a split when the CSV gives none (training). False (prediction): every row keeps
         its own ``split`` entry, None where it is empty, and no split is required.
@@ -332,6 +335,7 @@ class SlideDataset:
         seed: int = 0,
         validate: bool = True,
         labels_required: bool = True,
+        read_labels: bool = True,
         derive_split: bool = True,
         columns: dict[str, str] | None = None,
         skip_unreadable: bool = False,
@@ -350,6 +354,7 @@ class SlideDataset:
         self.split, self.strict = split, bool(strict)
         self.val_fraction, self.seed = float(val_fraction), int(seed)
         self.labels_required, self.derive = bool(labels_required), bool(derive_split)
+        self.read_labels = bool(read_labels)
         self.column_map = {str(k): str(v) for k, v in (columns or {}).items()}
         unknown = sorted(set(self.column_map) - set(COLUMNS))
         if unknown:
@@ -413,7 +418,8 @@ class SlideDataset:
                     continue
                 path = self._resolve(entry)
                 where = _PENDING  # slide_ref(line, key, path) once the keys are known (below)
-                label = -1 if not self.labels_required and not rec.get("label") else self._label(rec.get("label", ""))
+                label = (-1 if not self.read_labels or (not self.labels_required and not rec.get("label"))
+                         else self._label(rec.get("label", "")))
                 if label is None and not rec.get("label"):
                     problems.append((line, f"{where}: no label; training needs one on every row: give it, leave "
                                            f"the row out, or predict unlabelled slides with mode=predict"))

@@ -313,12 +313,13 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str], nam
 
 
 def init_from_checkpoint(model: SlideClassifier, ckpt: dict, path: str | os.PathLike[str], *, name: str, head: str,
-                         num_classes: int) -> str:
+                         num_classes: int, classes: list[str] | None = None) -> str:
     """Load a halo checkpoint's ``model_state`` into ``model`` (a warm start); says what was loaded.
 
     The checkpoint must be of the same backbone (``model.name``) with the same trunk shapes. With
     the same head, classes and head shapes, trunk and head are loaded; otherwise the trunk only,
-    and the head keeps its fresh initial weights.
+    and the head keeps its fresh initial weights. ``classes`` (``data.classes``) are compared by name, in
+    order, with the checkpoint config's ``data.classes`` (None, or a checkpoint without them: not compared).
 
     Raises
     ------
@@ -342,6 +343,10 @@ def init_from_checkpoint(model: SlideClassifier, ckpt: dict, path: str | os.Path
                          f"parameters differ at {wrong[:5]}")
     differ = [f"{key} {theirs.get(key)!r} in the checkpoint, {now!r} here"
               for key, now in (("head", head), ("num_classes", int(num_classes))) if theirs.get(key) != now]
+    before = ((ckpt.get("config") or {}).get("data") or {}).get("classes")
+    if not differ and classes is not None and before is not None and list(before) != list(classes):
+        differ.append(f"the classes differ: [{', '.join(map(str, before))}] in the checkpoint, "
+                      f"[{', '.join(map(str, classes))}] here")
     head_keys = {k for k in set(ours) | set(shapes) if not k.startswith("trunk.")}
     if not differ and any(ours.get(k) != shapes.get(k) for k in head_keys):
         differ.append("head parameter shapes differ (head.options)")
@@ -361,6 +366,7 @@ def build_classifier(
     head_options: dict | None = None,
     weights: str | os.PathLike[str] | None = None,
     checkpointing: bool = False,
+    classes: list[str] | None = None,
 ) -> SlideClassifier:
     """A one-device slide classifier: ``name``'s trunk (with ``weights`` loaded) and a head.
 
@@ -386,5 +392,5 @@ def build_classifier(
     model = SlideClassifier(trunk, heads[head](channels, num_classes, **(head_options or {})), checkpointing)
     if ckpt is not None:
         model.initialised_from = init_from_checkpoint(model, ckpt, weights, name=name, head=head,
-                                                      num_classes=num_classes)
+                                                      num_classes=num_classes, classes=classes)
     return model

@@ -895,15 +895,31 @@ def skipped_message(rec: dict[str, Any], csv_path: str | os.PathLike[str] | None
 
 
 def write_skipped(record_dir: str | os.PathLike[str], records: list[dict[str, Any]]) -> None:
-    """Append ``records`` (:data:`SKIPPED_COLUMNS`) to ``record_dir/skipped_slides.csv``."""
+    """Append ``records`` (:data:`SKIPPED_COLUMNS`) to ``record_dir/skipped_slides.csv``, less those already
+    in it (the same ``path`` and ``epoch``: a resumed run's start-up check finds the same slides again)."""
     out = Path(record_dir) / "skipped_slides.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     new = not out.exists()
+
+    def key(rec: dict[str, Any]) -> tuple[str, str]:
+        return tuple("" if rec.get(k) is None else str(rec.get(k)) for k in ("path", "epoch"))  # as the CSV holds it
+
+    seen: set[tuple[str, str]] = set()
+    if not new:
+        with open(out, newline="") as fh:
+            seen = {key(r) for r in csv.DictReader(fh)}
+    fresh = []
+    for rec in records:
+        if key(rec) not in seen:
+            seen.add(key(rec))
+            fresh.append(rec)
+    if not new and not fresh:
+        return
     with open(out, "a", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=list(SKIPPED_COLUMNS))
         if new:
             wr.writeheader()
-        wr.writerows(records)
+        wr.writerows(fresh)
 
 
 def _rank() -> int:

@@ -168,49 +168,28 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """
     import math
 
-    import torch
+    import torch.distributed as dist
 
-    from halo.errors import InputError
+    from halo.checkpoint import load_checkpoint
     from halo.train import checkpoint, loop
-    from halo.train.data import SlideSource
     from halo.train.evaluate import evaluate
-    from halo.train.job import start
-    from halo.train.rundir import write_metrics, write_rows, write_summary
+    from halo.train.rundir import kept_on_refusal, write_config, write_metrics, write_rows, write_summary
 
-    job = start(cfg, run_dir)
+    t, last_pt, resumed = cfg.train, Path(run_dir).resolve() / "checkpoints" / "last.pt", None
+    if t.resume and last_pt.is_file():
+        # every rank, before anything is built, written or generated: a resume trains the cohort and model
+        # it was trained on, or is refused (its schedule is checked once the datasets are known)
+        resumed = load_checkpoint(last_pt)
+        checkpoint.check_resume(cfg, resumed.get("config") or {}, last_pt)
+    with kept_on_refusal(Path(run_dir).resolve(), dist.get_rank() == 0 and resumed is not None):
+        begun = _start(cfg, run_dir, resumed)  # a refused resume leaves its run's files as they were
+    del resumed
+    if isinstance(begun, dict):  # a finished run: nothing to resume
+        return begun
+    job, source, train_ds, val_ds, test_ds, opt, sched, weights, state = begun
     if job.is_main:
-        log.info("%s", layout(job))
-    t, source = cfg.train, SlideSource(job)
-    train_ds = source.dataset("train", validate=True)
-    val_ds = source.dataset("val", validate=False)
-    test_ds = source.dataset("test", validate=False)
-    if len(train_ds) == 0:
-        raise InputError(f"halo-train: no slides with split 'train' in {train_ds.csv_path}")
-    if train_ds.derived_split and job.is_main:
-        log.info("%s has no split column: %s (data.val_fraction=%g, data.split_seed=%d) gives %d train and %d "
-                 "val slides", train_ds.csv_path, train_ds.split_note or "a stratified split",
-                 cfg.data.val_fraction, cfg.data.split_seed, len(train_ds), len(val_ds))
-    if len(val_ds) == 0 and job.is_main:
-        log.warning("no validation slides in %s (no rows with split 'val'): no AUC is measured, and "
-                    "checkpoints/best.pt is the last epoch's weights", train_ds.csv_path)
-    steps_per_epoch = math.ceil(len(train_ds) / job.mesh.data)
-    opt, sched = loop.optimizer(job, math.ceil(steps_per_epoch / max(1, t.accumulate)))
-    weights = (torch.as_tensor(train_ds.class_weights(), dtype=torch.float32, device=job.device)
-               if t.class_weights else None)
-    state = {"epoch": 0, "best_auc": -math.inf, "best_loss": math.inf, "best_epoch": -1, "slides_seen": 0,
-             "history": []}
+        write_config(job.run_dir)  # a resume's .hydra/, now that it is accepted
     ckpts = job.run_dir / "checkpoints"
-    if t.resume and (ckpts / "last.pt").is_file():
-        state = checkpoint.restore(job, ckpts / "last.pt", opt, sched)
-        state.setdefault("best_loss", math.inf)  # a checkpoint from before validation losses were kept
-        if state["epoch"] >= t.epochs and (job.run_dir / "summary.json").is_file():
-            if job.is_main:  # nothing to do: leave every file of the finished run as it is
-                log.info("%s finished all %d epochs already: nothing to resume; %s", job.run_dir, t.epochs,
-                         checkpoint.train_on_advice(job, ckpts / "last.pt", t.schedule, state["epoch"]))
-            _barrier()
-            return json.loads((job.run_dir / "summary.json").read_text())
-    elif t.resume and job.is_main:  # once, not once per rank
-        log.warning("train.resume=true but %s does not exist: starting from scratch", ckpts / "last.pt")
     ddp = None
     last = None  # (epoch, metrics, rows) of the last epoch trained here
     for epoch in range(state["epoch"], t.epochs):
@@ -272,6 +251,56 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         write_summary(job.run_dir, summary)
     _barrier()
     return summary
+
+
+def _start(cfg: DictConfig, run_dir: str | os.PathLike[str], resumed: dict[str, Any] | None):
+    """:func:`train` up to its first epoch: the job, the datasets, the optimizer and schedule and the
+    progress (``resumed``: ``checkpoints/last.pt``'s contents, restored), as a tuple; or the summary of a
+    finished run that there is nothing to resume of. Collective."""
+    import math
+
+    import torch
+
+    from halo.errors import InputError
+    from halo.train import checkpoint, loop
+    from halo.train.data import SlideSource
+    from halo.train.job import start
+
+    job = start(cfg, run_dir)
+    if job.is_main:
+        log.info("%s", layout(job))
+    t, source = cfg.train, SlideSource(job)
+    train_ds = source.dataset("train", validate=True)
+    val_ds = source.dataset("val", validate=False)
+    test_ds = source.dataset("test", validate=False)
+    if len(train_ds) == 0:
+        raise InputError(f"halo-train: no slides with split 'train' in {train_ds.csv_path}")
+    if train_ds.derived_split and job.is_main:
+        log.info("%s has no split column: %s (data.val_fraction=%g, data.split_seed=%d) gives %d train and %d "
+                 "val slides", train_ds.csv_path, train_ds.split_note or "a stratified split",
+                 cfg.data.val_fraction, cfg.data.split_seed, len(train_ds), len(val_ds))
+    if len(val_ds) == 0 and job.is_main:
+        log.warning("no validation slides in %s (no rows with split 'val'): no AUC is measured, and "
+                    "checkpoints/best.pt is the last epoch's weights", train_ds.csv_path)
+    steps_per_epoch = math.ceil(len(train_ds) / job.mesh.data)
+    opt, sched = loop.optimizer(job, math.ceil(steps_per_epoch / max(1, t.accumulate)))
+    weights = (torch.as_tensor(train_ds.class_weights(), dtype=torch.float32, device=job.device)
+               if t.class_weights else None)
+    state = {"epoch": 0, "best_auc": -math.inf, "best_loss": math.inf, "best_epoch": -1, "slides_seen": 0,
+             "history": []}
+    ckpts = job.run_dir / "checkpoints"
+    if resumed is not None:
+        state = checkpoint.restore(job, ckpts / "last.pt", opt, sched, resumed)
+        state.setdefault("best_loss", math.inf)  # a checkpoint from before validation losses were kept
+        if state["epoch"] >= t.epochs and (job.run_dir / "summary.json").is_file():
+            if job.is_main:  # nothing to do: leave every file of the finished run as it is
+                log.info("%s finished all %d epochs already: nothing to resume; %s", job.run_dir, t.epochs,
+                         checkpoint.train_on_advice(job, ckpts / "last.pt", t.schedule, state["epoch"]))
+            _barrier()
+            return json.loads((job.run_dir / "summary.json").read_text())
+    elif t.resume and job.is_main:  # once, not once per rank
+        log.warning("train.resume=true but %s does not exist: starting from scratch", ckpts / "last.pt")
+    return job, source, train_ds, val_ds, test_ds, opt, sched, weights, state
 
 
 def better(auc: float, loss: float, best_auc: float, best_loss: float) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from halo.errors import InputError
 from halo.train.job import Job, all_gather
 
 __all__ = ["rng_state", "set_rng_state", "save", "restore", "load_model", "mesh_note", "MODEL_KEYS", "READ_KEYS",
-           "given_keys", "adopt", "train_on_advice"]
+           "RESUME_KEYS", "given_keys", "adopt", "resume_differences", "check_resume", "train_on_advice"]
 
 log = logging.getLogger("halo.train")
 
@@ -67,9 +68,12 @@ def save(job: Job, paths: list[Path], opt, sched, state: dict[str, Any]) -> None
     dist.barrier()
 
 
-def restore(job: Job, path: Path, opt, sched) -> dict[str, Any]:
-    """Load ``path`` into the model, optimizer, scheduler and this rank's generators; the run's progress."""
-    ckpt = load_checkpoint(path)
+def restore(job: Job, path: Path, opt, sched, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load ``path`` into the model, optimizer, scheduler and this rank's generators; the run's progress.
+
+    ``ckpt`` is the file's contents when already loaded (:func:`check_resume` reads it first).
+    """
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     check_signature(ckpt, job.signature, path)
     _check_schedule(job, ckpt, path, sched)
     job.model.load_state_dict(ckpt["model_state"])
@@ -293,3 +297,105 @@ def adopt(cfg: DictConfig, trained: dict[str, Any], given: dict[str, str], path:
         for line in differ:
             log.warning(line)
     return cfg
+
+
+RESUME_KEYS = ("data.kind", "data.csv", "data.root", "data.slides", "data.seed", "data.columns", "data.val_fraction",
+               "data.split_seed", *MODEL_KEYS, *READ_KEYS)
+"""What defines a training run beside its schedule: the cohort (its source, split and classes), the model and how
+its slides are read. ``train.resume=true`` refuses a config that gives any otherwise than the checkpoint's
+(:func:`check_resume`); the mesh and the world size may differ."""
+
+_SYNTHETIC_ONLY = ("data.slides", "data.seed")
+_PATH_KEYS = ("data.csv", "data.root")
+_OPEN_DICTS = ("head.options",)  # keys of their own: one given on one side only differs
+
+
+def _leaves(key: str, old: Any, new: Any):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in dict.fromkeys([*old, *new]):
+            yield from _leaves(f"{key}.{k}", old.get(k, _ABSENT), new.get(k, _ABSENT))
+    else:
+        yield key, old, new
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    if key in _PATH_KEYS and isinstance(old, str) and isinstance(new, str):
+        try:
+            return os.path.samefile(old, new)
+        except OSError:
+            return False
+    return False
+
+
+def resume_differences(cfg: DictConfig, trained: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The :data:`RESUME_KEYS` leaves (``data.tissue.margin``) ``cfg`` gives otherwise than ``trained`` (a
+    checkpoint's config), each as ``(key, trained value, cfg's value)``; ``_ABSENT``-free except in
+    ``head.options``, whose keys are the user's. Paths naming one file are the same; ``data.slides`` and
+    ``data.seed`` count for a synthetic cohort only; a key only one side knows (another version) is left out."""
+    now = OmegaConf.to_container(cfg, resolve=True)
+    synthetic = _lookup(trained, "data.kind") == "synthetic" and _lookup(now, "data.kind") == "synthetic"
+    out = []
+    for key in RESUME_KEYS:
+        if key in _SYNTHETIC_ONLY and not synthetic:
+            continue
+        for leaf, old, new in _leaves(key, _lookup(trained, key), _lookup(now, key)):
+            if (old is _ABSENT or new is _ABSENT) and not leaf.startswith(tuple(k + "." for k in _OPEN_DICTS)):
+                continue
+            if not _same(leaf, old, new):
+                out.append((leaf, old, new))
+    return out
+
+
+def _hydra_value(value: Any) -> str:
+    """``value`` as a Hydra override writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str) and (not value or value != value.strip() or any(c in value for c in ",[]{}()='\"\\")):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)
+
+
+def _override(key: str, old: Any, new: Any) -> str:
+    """The command-line override (shell-quoted) that gives ``key`` the checkpoint's value ``old``."""
+    import shlex
+
+    if old is _ABSENT:
+        return shlex.quote(f"~{key}")
+    return shlex.quote(f"{'++' if new is _ABSENT else ''}{key}={_hydra_value(old)}")
+
+
+def check_resume(cfg: DictConfig, trained: dict[str, Any], path: str | Path) -> None:
+    """Refuse to resume the run of checkpoint ``path`` (config ``trained``) with another cohort, classes, model
+    or resolution than it was trained with (:data:`RESUME_KEYS`, :func:`resume_differences`); every rank alike.
+
+    A checkpoint without a config (an old one) is not checked.
+
+    Raises
+    ------
+    halo.errors.InputError
+        Naming each key with the checkpoint's value and this run's, and the overrides that resume it as it was.
+    """
+    if not trained:
+        return
+    differ = resume_differences(cfg, trained)
+    if not differ:
+        return
+    def show(value: Any) -> str:
+        return "unset" if value is _ABSENT else _show(value)
+
+    shown = "; ".join(f"{key}={show(old)} in the checkpoint, {show(new)} here" for key, old, new in differ)
+    fix = " ".join(_override(key, old, new) for key, old, new in differ)
+    raise InputError(
+        f"halo-train: train.resume=true: {path} was trained on another cohort, model or resolution than this run's "
+        f"config gives, and a run resumes only as it was trained: {shown}. To resume it as it was trained, add: {fix} "
+        f"(a resume takes the cohort, classes, model and how slides are read from its command line, like the first "
+        f"launch, not from the checkpoint; the mesh and the world size may differ); to train otherwise, start a new "
+        f"run from its weights: model.weights={path} hydra.run.dir=<a new directory>")

@@ -149,7 +149,7 @@ def start(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> Job:
         model = build_classifier(
             cfg.model.name, cfg.model.num_classes, head=cfg.head.name,
             head_options=OmegaConf.to_container(cfg.head.options, resolve=True), weights=cfg.model.weights,
-            checkpointing=cfg.train.checkpointing,
+            checkpointing=cfg.train.checkpointing, classes=classes,
         )
     except (ValueError, RuntimeError, NotImplementedError, KeyError, OSError) as exc:
         raise InputError(f"halo-train: model.name={cfg.model.name} head={cfg.head.name}"

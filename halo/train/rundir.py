@@ -10,6 +10,7 @@ directory behind (:func:`forget_refused`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from halo.errors import InputError
 from halo.evaluate import write_predictions
 
-__all__ = ["RUN_FILES", "claim", "command_line", "forget", "forget_refused", "new_launch", "write_metrics",
-           "write_rows", "write_summary"]
+__all__ = ["RUN_FILES", "claim", "command_line", "forget", "forget_refused", "new_launch", "write_config",
+           "kept_on_refusal", "write_metrics", "write_rows", "write_summary"]
 
 log = logging.getLogger("halo.train")
 
@@ -37,6 +38,7 @@ HYDRA_FILES = ("config.yaml", "overrides.yaml")
 
 _written: list[Path] = []  # directories whose .hydra/ this process's claim() wrote
 _made: list[Path] = []  # predict/<id>/ directories this process's claim() created
+_pending: dict[Path, tuple[str, str]] = {}  # a resumed run's .hydra/ files, written once the resume is accepted
 
 
 def _folder_name(value: str) -> str:
@@ -62,7 +64,9 @@ def claim(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path:
     ``mode=train`` into a directory that holds checkpoints is refused unless
     ``train.resume=true`` (continue it) or ``train.overwrite=true`` (its results are removed).
     Hydra writes nothing itself (``hydra.output_subdir: null``): ``.hydra/config.yaml`` and
-    ``.hydra/overrides.yaml`` are written here, once the directory is claimed.
+    ``.hydra/overrides.yaml`` are written here, once the directory is claimed; for ``train.resume=true``
+    into a directory holding checkpoints, only once the resume is accepted (:func:`write_config`), so
+    that a refused resume leaves the run's files as they were.
 
     Raises
     ------
@@ -72,7 +76,7 @@ def claim(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path:
     from halo.train import run_id
     from halo.train.job import broadcast
 
-    problem, out = None, run_dir
+    problem, out, defer = None, run_dir, False
     if is_main:
         t = cfg.train
         old = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
@@ -82,11 +86,13 @@ def claim(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path:
                 problem = (f"halo-train: {run_dir / 'predict'} holds too many predictions of one run id; "
                            f"choose another hydra.run.dir")
                 out = run_dir
-        elif old and not t.resume and not t.overwrite:
+        elif old and t.resume:
+            defer = True
+        elif old and not t.overwrite:
             problem = (f"halo-train: {run_dir} already holds a training run (checkpoints/{', '.join(old)}): "
                        f"pass train.resume=true to continue it, train.overwrite=true to replace it, or "
                        f"another hydra.run.dir")
-        elif old and not t.resume:
+        elif old:
             for name in ("checkpoints", "heatmaps", "predict"):
                 shutil.rmtree(run_dir / name, ignore_errors=True)
             for name in RUN_FILES:
@@ -99,11 +105,43 @@ def claim(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path:
     if is_main:
         if cfg.mode == "predict":
             _made.append(out)
-        _written.append(out)
-        (out / ".hydra").mkdir(parents=True, exist_ok=True)
-        (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (out / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(command_line()))
+        _pending[out] = (OmegaConf.to_yaml(cfg, resolve=True), OmegaConf.to_yaml(command_line()))
+        if not defer:
+            write_config(out)
     return out
+
+
+def write_config(out: Path) -> None:
+    """Write the ``.hydra/`` files :func:`claim` kept for ``out`` (a resumed run's, once its resume is
+    accepted); nothing if there are none (they are written, or this is not rank 0). Not collective."""
+    pending = _pending.pop(Path(out), None)
+    if pending is None:
+        return
+    _written.append(Path(out))
+    (out / ".hydra").mkdir(parents=True, exist_ok=True)
+    for name, text in zip(HYDRA_FILES, pending):
+        (out / ".hydra" / name).write_text(text)
+
+
+@contextlib.contextmanager
+def kept_on_refusal(run_dir: Path, is_main: bool, names: tuple[str, ...] = RUN_FILES):
+    """Put ``names`` of ``run_dir`` back as they were (bytes, or absent) when the block raises
+    :class:`halo.errors.InputError`: a refused resume leaves its run's files byte-identical (the start-up
+    check records skipped slides before the checkpoint's schedule is checked). Rank 0 only acts."""
+    before = {name: (run_dir / name).read_bytes() if (run_dir / name).is_file() else None
+              for name in names} if is_main else {}
+    try:
+        yield
+    except InputError:
+        for name, data in before.items():
+            try:
+                if data is None:
+                    (run_dir / name).unlink(missing_ok=True)
+                elif not (run_dir / name).is_file() or (run_dir / name).read_bytes() != data:
+                    (run_dir / name).write_bytes(data)
+            except OSError as exc:  # must not hide the refusal
+                log.warning("could not restore %s after the refusal: %s", run_dir / name, exc)
+        raise
 
 
 def forget(out: str | os.PathLike[str], written: list[Path] | tuple[Path, ...] | None = None) -> bool:
@@ -145,6 +183,7 @@ def new_launch() -> None:
     """Forget what :func:`claim` wrote for an earlier run of this process (:func:`halo.train.run` calls it)."""
     _written.clear()
     _made.clear()
+    _pending.clear()
 
 
 def forget_refused() -> None:

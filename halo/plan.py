@@ -1730,7 +1730,7 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
         for i in range(len(ds)):
             key = cohort.key(ds, i)
             try:
-                _check_readable(ds, i)
+                ds.verify(i)  # training's start-up check first: a corrupt slide is unreadable, not too small
                 planned.append((i, plan_slide(ds.plan(i), key=key, model=model, name=a.model, traced=traced,
                                               **kwargs)))
             except (SlideError, FileNotFoundError) as e:
@@ -1806,22 +1806,6 @@ def _plan_slides(a, p: argparse.ArgumentParser, model: nn.Module, traced: Trace)
     elif a.time:
         print("time (--time): no slide could be planned")
     return 1 if failed else 0
-
-
-def _check_readable(ds, i: int) -> None:
-    """Training's start-up check of row ``i`` (as ``halo.data.SlideDataset.validate`` makes it, before
-    its size check): the file opens, the tiles of the level training reads and of the thumbnail's
-    level lie inside the file, and one tile decodes; so a corrupt slide is said to be unreadable
-    (with the reader's error), not planned from its header or called too small for the grid.
-
-    Raises
-    ------
-    SlideOpenError, SlideReadError
-        The slide cannot be opened or read.
-    SlideResolutionError
-        Its level cannot be chosen.
-    """
-    ds.verify(i)  # at the level training reads the row at (SlideDataset.plan's own choice)
 
 
 TRAIN_DEFAULTS = ("model", "mesh", "head", "num_classes", "checkpointing", "mpp", "level")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_engine import _rows, _run, _write_tiny_slide_cohort
+from test_engine import _refused, _rows, _run, _write_tiny_slide_cohort
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER_VARS = ("HALO_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PMI_KVSNAME", "PMIX_NAMESPACE",
@@ -69,16 +69,6 @@ def test_a_training_slide_of_one_cell_is_named_at_start_up_planning_only_small_s
     skipped = _rows(run_dir / "skipped_slides.csv")
     assert [Path(r["path"]).name for r in skipped] == ["tiny.tiff"], skipped
     assert (run_dir / "checkpoints" / "best.pt").is_file()
-
-
-def _refused(csv_path: str, run_dir: str, extra: list[str]) -> str:
-    from halo.errors import InputError
-
-    try:
-        _run(csv_path, run_dir, extra)
-    except InputError as exc:
-        return str(exc)
-    raise AssertionError("the run was not refused as bad input")
 
 
 @pytest.mark.timeout(300)

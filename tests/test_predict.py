@@ -14,7 +14,8 @@ import pytest
 from test_engine import _rows, _run, _write_cohort
 
 
-def _predict_cli(csv_path: str, run_dir: str, checkpoint: str, extra: list[str], run_id: str = "p") -> dict:
+def _predict_cli(csv_path: str, run_dir: str, checkpoint: str, extra: list[str], run_id: str = "p",
+                 mesh: str | None = "1x1") -> dict:
     """``halo-train data=csv data.csv=... mode=predict checkpoint=...`` and nothing else (no model, head,
     classes or resolution given): what ``run`` returns, the log, and every heatmap title."""
     import os
@@ -25,8 +26,8 @@ def _predict_cli(csv_path: str, run_dir: str, checkpoint: str, extra: list[str],
     from halo.train import CONF_DIR, run
 
     os.environ["HALO_RUN_ID"] = run_id
-    overrides = ["data=csv", f"data.csv={csv_path}", "mesh=1x1", "train.progress=false", "train.threads=1",
-                 "mode=predict", f"checkpoint={checkpoint}", *extra]
+    overrides = ["data=csv", f"data.csv={csv_path}", *([f"mesh={mesh}"] if mesh else []), "train.progress=false",
+                 "train.threads=1", "mode=predict", f"checkpoint={checkpoint}", *extra]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     records: list[str] = []
@@ -134,6 +135,20 @@ def test_metrics_count_only_the_labelled_rows_and_split_is_the_csvs_own(pool1, t
     assert summary["metrics"]["n"] == 3, summary
     records = {r["key"]: r["split"] for r in _rows(_out_dir(out) / "slides.csv")}
     assert records == {s.removesuffix(".tif"): sp for s, sp in zip(trained["slides"], splits)}, records
+
+
+@pytest.mark.timeout(300)
+def test_without_a_mesh_given_a_prediction_fits_the_world(pool1, trained) -> None:
+    """halo-train's default mesh (2x1) does not divide a world of one process: a prediction given no
+    mesh takes the checkpoint's (1x1 here) instead of refusing; a mesh given is still checked."""
+    rows = [{"slide": s, "label": "", "split": ""} for s in trained["slides"]]
+    csv_path = _write(trained["root"] / "nomesh.csv", ["slide", "label", "split"], rows)
+    out = pool1.run(_predict_cli, str(csv_path), str(trained["run_dir"]), trained["best"], [], "nomesh", None)[0]
+    assert out["summary"]["grid"] == [1, 1], out["summary"]
+    assert any("does not divide the world size 1: predicting on the checkpoint's 1 x 1 mesh" in r
+               for r in out["log"]), out["log"]
+    message = pool1.run(_refused_cli, str(csv_path), str(trained["run_dir"]), trained["best"], [], "m2", "2x1")[0]
+    assert "does not divide the world size" in message, message
 
 
 @pytest.mark.timeout(300)

@@ -356,6 +356,7 @@ def predict(cfg: DictConfig, run_dir: str | os.PathLike[str], *, overrides: list
     ckpt = load_checkpoint(cfg.checkpoint)  # every rank: before the model is built from its config
     given = checkpoint.given_keys(command_line() if overrides is None else overrides)
     cfg = checkpoint.adopt(cfg, ckpt.get("config") or {}, given, cfg.checkpoint, dist.get_rank() == 0)
+    cfg = _prediction_mesh(cfg, ckpt.get("config") or {}, overrides)
     job = start(cfg, run_dir)
     note = checkpoint.mesh_note(checkpoint.load_model(job, cfg.checkpoint, ckpt), job)
     del ckpt
@@ -381,6 +382,34 @@ def predict(cfg: DictConfig, run_dir: str | os.PathLike[str], *, overrides: list
         write_summary(job.run_dir, summary)
     _barrier()
     return summary
+
+
+def _prediction_mesh(cfg: DictConfig, theirs: dict, overrides: list[str] | None) -> DictConfig:
+    """A prediction given no mesh (``mesh=`` or ``mesh.*`` on the command line) whose default mesh
+    does not divide the world size: the checkpoint's mesh where it does, else 1 x 1 (a checkpoint
+    predicts the same on any mesh), said once; a mesh given is kept (and checked by the job)."""
+    import torch.distributed as dist
+
+    from halo.train.rundir import command_line
+
+    given = command_line() if overrides is None else overrides
+    if cfg.blocks or any(str(o).lstrip("+~").split("=", 1)[0].split(".")[0].strip() == "mesh" for o in given):
+        return cfg
+    world, rows, cols = dist.get_world_size(), int(cfg.mesh.rows), int(cfg.mesh.cols)
+    if world % (rows * cols) == 0:
+        return cfg
+    mesh = theirs.get("mesh") or {}
+    r, c, whose = int(mesh.get("rows", 1)), int(mesh.get("cols", 1)), "the checkpoint's"
+    if world % (r * c):
+        r, c, whose = 1, 1, "a"
+    if dist.get_rank() == 0:
+        log.info("mesh.rows x mesh.cols = %d x %d (the default) does not divide the world size %d: predicting on "
+                 "%s %d x %d mesh (give mesh=RxC to choose)", rows, cols, world, whose, r, c)
+    import copy
+
+    cfg = copy.deepcopy(cfg)  # not the caller's
+    cfg.mesh.rows, cfg.mesh.cols = r, c
+    return cfg
 
 
 def peak_memory(job) -> dict[str, Any]:

@@ -102,6 +102,11 @@ def test_a_refused_config_leaves_no_run_directory(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "manifest file not found" in missing.stderr, missing
     left = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "runs").rglob("*"))
     assert left == ["runs/2000-01-01", "runs/2000-01-01/older", "runs/2000-01-01/older/summary.json"], left
+    # in a folder that had no runs/: nothing at all is left (runs/ went with its last date folder)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert _cli(fresh, "mode=bogus").returncode == 2
+    assert list(fresh.iterdir()) == [], list(fresh.rglob("*"))
 
 
 def test_only_a_directory_holding_what_this_launch_wrote_is_removed(tmp_path: Path) -> None:

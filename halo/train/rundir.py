@@ -146,7 +146,8 @@ def kept_on_refusal(run_dir: Path, is_main: bool, names: tuple[str, ...] = RUN_F
 
 def forget(out: str | os.PathLike[str], written: list[Path] | tuple[Path, ...] | None = None) -> bool:
     """Remove ``out`` if it holds nothing but what this launch wrote there for Hydra, and its parent
-    (``runs/<date>``) if that is then empty; whether ``out`` is gone. Not collective: one rank calls it.
+    (``runs/<date>``) if that is then empty, and a ``runs/`` above it that is then empty too;
+    whether ``out`` is gone. Not collective: one rank calls it.
 
     "What this launch wrote" is nothing, or ``.hydra/`` with only :data:`HYDRA_FILES` in it when
     ``out`` is in ``written`` (default: the directories :func:`claim` wrote ``.hydra/`` into in this
@@ -174,6 +175,8 @@ def forget(out: str | os.PathLike[str], written: list[Path] | tuple[Path, ...] |
         return not out.exists()
     try:
         out.parent.rmdir()  # runs/<date>, if this was its last run
+        if out.parent.parent.name == "runs":  # and the default layout's runs/, if that was its last date
+            out.parent.parent.rmdir()
     except OSError:
         pass
     return True

@@ -258,6 +258,25 @@ def test_predict_keeps_csv_problems_fatal(pool1, trained) -> None:
     assert "label 'cat'" in message and "nothing was predicted" in message, message
 
 
+def test_a_derived_split_is_drawn_over_the_readable_slides(tmp_path: Path) -> None:
+    """Slides skipped at the start-up check (missing here) take no place in a derived split: it is the
+    split of the readable rows alone, and the skipped rows are in no split."""
+    from halo.data.dataset import derive_split
+
+    names = _slides(tmp_path, 8)
+    labels = [CLASSES[i % 2] for i in range(8)]
+    rows = [[n, lab] for n, lab in zip(names, labels)] + [["gone1.tif", "normal"], ["gone2.tif", "normal"]]
+    path = _write(tmp_path / "c.csv", ["slide", "label"], rows)
+    checked = _ds(path, skip_unreadable=True, val_fraction=0.5)
+    assert sorted(checked.unreadable) == [10, 11], checked.unreadable
+    ds = _ds(path, validate=False, val_fraction=0.5, skipped_lines=checked.unreadable, split=None)
+    by_line = {r.line: r.split for r in ds.all_rows}
+    assert by_line[10] is None and by_line[11] is None, by_line
+    want = derive_split([i % 2 for i in range(8)], [f"row {line}" for line in range(2, 10)], 0.5, 0)
+    assert [by_line[line] for line in range(2, 10)] == want, by_line
+    assert len(_ds(path, validate=False, val_fraction=0.5, skipped_lines=checked.unreadable, split="val")) == 4
+
+
 @pytest.mark.timeout(300)
 def test_training_skips_unreadable_slides_only_when_asked(pool1, tmp_path: Path) -> None:
     from test_engine import _rows, _run, _write_cohort

@@ -93,7 +93,7 @@ import os
 import re
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,6 +284,10 @@ class SlideDataset:
     report:
         Log and record (``record_dir``) each skipped slide here (default). False: the caller
         reports :attr:`skipped` (as ``halo.train`` does, once across ranks).
+    skipped_lines:
+        CSV lines of slides the start-up check skipped (:attr:`unreadable` of a validated dataset):
+        they take no place in a derived split (their split is None), which is then the split of
+        the readable rows alone. Leave them out of :attr:`rows` with :meth:`exclude` as before.
 
     Attributes
     ----------
@@ -340,6 +344,7 @@ class SlideDataset:
         columns: dict[str, str] | None = None,
         skip_unreadable: bool = False,
         report: bool = True,
+        skipped_lines: Collection[int] = (),
     ) -> None:
         self.csv_path = os.fspath(csv_path)
         self.classes = [str(c) for c in classes]
@@ -354,6 +359,7 @@ class SlideDataset:
         self.split, self.strict = split, bool(strict)
         self.val_fraction, self.seed = float(val_fraction), int(seed)
         self.labels_required, self.derive = bool(labels_required), bool(derive_split)
+        self._skipped_lines = {int(line) for line in skipped_lines}
         self.read_labels = bool(read_labels)
         self.column_map = {str(k): str(v) for k, v in (columns or {}).items()}
         unknown = sorted(set(self.column_map) - set(COLUMNS))
@@ -551,7 +557,7 @@ class SlideDataset:
             return problems
         if not any(p["split"] for p in pend):
             self.derived_split = True
-            alone = sum(not p["patient"] for p in pend)
+            alone = sum(not p["patient"] for p in pend if p["line"] not in self._skipped_lines)
             if "patient" not in self.columns:
                 self.split_note = (
                     "a slide-level stratified split, as the CSV has no patient column: slides of one patient can "
@@ -562,9 +568,10 @@ class SlideDataset:
                                    f"are each a group of their own)")
             else:
                 self.split_note = "a patient-level stratified split"
-            groups = [f"patient {p['patient']}" if p["patient"] else f"row {p['line']}" for p in pend]
-            derived = derive_split([p["label"] for p in pend], groups, self.val_fraction, self.seed)
-            for p, s in zip(pend, derived):
+            use = [p for p in pend if p["line"] not in self._skipped_lines]  # skipped slides take no place
+            groups = [f"patient {p['patient']}" if p["patient"] else f"row {p['line']}" for p in use]
+            derived = derive_split([p["label"] for p in use], groups, self.val_fraction, self.seed)
+            for p, s in zip(use, derived):
                 p["split"] = s
             return problems
         by_patient: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))

@@ -179,7 +179,7 @@ class SlideSource:
             raise InputError(f"halo-train: nothing was {done}, the manifest has problems:\n{problem}")
         if validate:
             self._unreadable = dict(unreadable)
-        ds = SlideDataset(path, **kwargs, validate=False)
+        ds = SlideDataset(path, **kwargs, validate=False, skipped_lines=self._unreadable)  # a split without them
         if self._unreadable:
             ds.exclude(self._unreadable)
         self._datasets.append(ds)
@@ -250,7 +250,8 @@ class SlideSource:
     def _report_unreadable(self, checked: SlideDataset, unreadable: dict[int, tuple[str, str]]) -> None:
         """Rank 0: log the slides the start-up check skipped, once, and record them (epoch 0)."""
         why = "mode=predict" if self.job.cfg.mode == "predict" else "data.skip_unreadable=true"
-        recs = [{"slide": r.slide_id, "path": r.path, "csv_line": r.line, "split": r.split or "", "epoch": 0,
+        recs = [{"slide": r.slide_id, "path": r.path, "csv_line": r.line, "epoch": 0,
+                 "split": "" if checked.derived_split else r.split or "",  # a derived split gives them none
                  "rank": 0, "reader": unreadable[r.line][1], "error": unreadable[r.line][0]}
                 for r in checked.all_rows if r.line in unreadable]
         write_skipped(self.job.run_dir, recs)

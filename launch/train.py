@@ -85,8 +85,8 @@ def start(cfg: DictConfig, run_dir: str | None = None, *,
         refuse_config(exc)
     resume_if_requeued(cfg)
     env = init_distributed(backend=cfg.dist.backend, timeout_s=float(cfg.dist.timeout_s))
-    log.info("rank %d of %d (%s), local rank %d, resume=%s", env.rank, env.world_size, env.source, env.local_rank,
-             cfg.train.resume)
+    log.info("rank %d of %d (%s), local rank %d, %s", env.rank, env.world_size, env.source, env.local_rank,
+             f"resume={cfg.train.resume}" if cfg.mode == "train" else f"mode={cfg.mode}")
     with guard(env):  # a failing rank ends the whole job, naming itself; nothing hangs
         try:
             summary = run(cfg, run_dir, overrides=overrides)

@@ -102,6 +102,11 @@ def test_resume_keys_compare_paths_by_the_file_and_ignore_the_mesh(tmp_path: Pat
         os.chdir(here)
     now.data.kind = "synthetic"
     assert [key for key, _, _ in resume_differences(now, trained)] == ["data.kind", "data.csv"]
+    # which slides the run reads: skipping unreadable ones (a resume that does not would stop at the first)
+    now = OmegaConf.create({**trained, "data": {**trained["data"], "skip_unreadable": True}})
+    assert [key for key, _, _ in resume_differences(now, {**trained, "data": {**trained["data"],
+                                                                               "skip_unreadable": False}})] == [
+        "data.skip_unreadable"]
 
 
 # -- 2. a warm start with the classes in another order ----------------------------------------------------

@@ -126,6 +126,7 @@ def test_two_rank_run_resume_and_predict(cohort: Path, tmp_path: Path) -> None:
     before = _files(full)
     out = _train(_overrides(cohort, full, "mode=predict", f"checkpoint={full / 'checkpoints/best.pt'}"))
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "local rank 0, mode=predict" in out.stdout + out.stderr  # not "resume=False": nothing is resumed
     assert _files(full, skip="predict") == before
     (pred,) = (full / "predict").iterdir()
     with open(pred / "predictions.csv") as fh:

@@ -300,8 +300,9 @@ def adopt(cfg: DictConfig, trained: dict[str, Any], given: dict[str, str], path:
 
 
 RESUME_KEYS = ("data.kind", "data.csv", "data.root", "data.slides", "data.seed", "data.columns", "data.val_fraction",
-               "data.split_seed", *MODEL_KEYS, *READ_KEYS)
-"""What defines a training run beside its schedule: the cohort (its source, split and classes), the model and how
+               "data.split_seed", "data.skip_unreadable", *MODEL_KEYS, *READ_KEYS)
+"""What defines a training run beside its schedule: the cohort (its source, split, classes and which slides are
+skipped), the model and how
 its slides are read. ``train.resume=true`` refuses a config that gives any otherwise than the checkpoint's
 (:func:`check_resume`); the mesh and the world size may differ."""
 

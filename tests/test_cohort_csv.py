@@ -278,6 +278,19 @@ def test_a_derived_split_is_drawn_over_the_readable_slides(tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(300)
+def test_a_class_without_training_slides_is_said_at_start_up(pool1, tmp_path: Path) -> None:
+    """``data.classes=[normal,tumour,other]`` with no slide labelled ``other``: said once at start-up
+    (it used to show only as validation's AUC warning), and the run goes on."""
+    from test_engine import _run, _write_cohort
+
+    cohort = _write_cohort(tmp_path, {"a": "train", "b": "train", "c": "val", "d": "val"})
+    out = pool1.run(_run, str(cohort), str(tmp_path / "run"),
+                    ["train.heatmaps=false", "data.classes=[normal,tumour,other]", "model.num_classes=3"])[0]
+    said = [m for m in out["log"] if "no training slide is labelled" in m]
+    assert len(said) == 1 and "'other'" in said[0] and "'normal'" not in said[0], out["log"]
+
+
+@pytest.mark.timeout(300)
 def test_training_skips_unreadable_slides_only_when_asked(pool1, tmp_path: Path) -> None:
     from test_engine import _rows, _run, _write_cohort
 

@@ -173,6 +173,12 @@ class SlideSource:
                     self._report_unreadable(checked, unreadable)
                 if split == "train" and job.cfg.mode == "train":
                     problem = self._one_cell_at_start(checked)
+                    kept = [r.label for r in checked.rows if r.line not in unreadable]
+                    empty = [c for i, c in enumerate(job.classes) if i not in kept]
+                    if empty:
+                        log.warning("%s: no training slide is labelled %s (data.classes=[%s]): the model never sees "
+                                    "that class in training", path, ", ".join(repr(c) for c in empty),
+                                    ",".join(job.classes))
         problem, unreadable = broadcast((problem, unreadable))
         if problem:  # every rank raises it; the launcher's guard prints it once
             done = "trained" if job.cfg.mode == "train" else "predicted"

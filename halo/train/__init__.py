@@ -76,7 +76,8 @@ def _run_dir(cfg: DictConfig) -> Path:
     """Where this run writes: Hydra's output directory, or (``mode=predict`` without
     ``hydra.run.dir``) the training run of its checkpoint; collective when that is so: after every
     rank has reached it (so every rank's Hydra has made its ``runs/<date>/<id>``), rank 0 alone
-    removes that folder if it is still empty, and its date folder if that is now empty too."""
+    removes that folder if it is still empty, and the folders above it that are then empty
+    (:func:`halo.train.rundir.forget`)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 

@@ -302,9 +302,8 @@ def adopt(cfg: DictConfig, trained: dict[str, Any], given: dict[str, str], path:
 RESUME_KEYS = ("data.kind", "data.csv", "data.root", "data.slides", "data.seed", "data.columns", "data.val_fraction",
                "data.split_seed", "data.skip_unreadable", *MODEL_KEYS, *READ_KEYS)
 """What defines a training run beside its schedule: the cohort (its source, split, classes and which slides are
-skipped), the model and how
-its slides are read. ``train.resume=true`` refuses a config that gives any otherwise than the checkpoint's
-(:func:`check_resume`); the mesh and the world size may differ."""
+skipped), the model and how its slides are read. ``train.resume=true`` refuses a config that gives any otherwise
+than the checkpoint's (:func:`check_resume`); the mesh and the world size may differ."""
 
 _SYNTHETIC_ONLY = ("data.slides", "data.seed")
 _PATH_KEYS = ("data.csv", "data.root")
